@@ -1,0 +1,1 @@
+"""Optimizers for stable low-precision LLM pretraining (torch only)."""

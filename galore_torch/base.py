@@ -1,0 +1,31 @@
+"""Argument validators shared by the optimizers: each raises ValueError naming the argument."""
+
+from collections.abc import Sequence
+
+
+def validate_non_negative(value: float, name: str) -> None:
+    if not value >= 0.0:
+        raise ValueError(f"invalid {name}: {value!r} (must be >= 0)")
+
+
+def validate_unit_interval(value: float, name: str) -> None:
+    """Decay rates: 0 <= value < 1."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"invalid {name}: {value!r} (must be in [0, 1))")
+
+
+def validate_betas(betas: Sequence[float], name: str = "betas") -> None:
+    if len(betas) != 2:
+        raise ValueError(f"invalid {name}: {betas!r} (expected two values)")
+    for i, beta in enumerate(betas):
+        validate_unit_interval(beta, f"{name}[{i}]")
+
+
+def validate_density(value: float, name: str = "density") -> None:
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"invalid {name}: {value!r} (must be in (0, 1])")
+
+
+def validate_variant(value: str) -> None:
+    if value not in ("reference", "corrected"):
+        raise ValueError(f"invalid variant: {value!r} (choose 'reference' or 'corrected')")

@@ -1,0 +1,1 @@
+"""The training run: arguments, data, model, optimizer groups, schedules, checkpoints, evaluation, loop."""

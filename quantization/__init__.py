@@ -1,0 +1,1 @@
+"""Simulated low-bit weight and activation quantization (torch only)."""
