@@ -1,0 +1,20 @@
+"""One name -> optimizer class table, used by the training run and by anyone picking an optimizer by name."""
+
+import torch
+
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
+    "adam": torch.optim.Adam,
+    "adamw": torch.optim.AdamW,
+    "adafactor": torch.optim.Adafactor,
+    "sgd": torch.optim.SGD,
+}
+
+
+def get_optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """Look up an optimizer by case-insensitive name; unknown names list the valid ones."""
+    try:
+        return OPTIMIZERS[name.lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown optimizer {name!r}; valid names: {', '.join(sorted(OPTIMIZERS))}"
+        ) from None

@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+from galore_torch import OPTIMIZERS, get_optimizer_class
+
+
+def test_torch_baselines_are_torch_classes_not_copies():
+    assert get_optimizer_class("adam") is torch.optim.Adam
+    assert get_optimizer_class("AdamW") is torch.optim.AdamW
+    assert get_optimizer_class("adafactor") is torch.optim.Adafactor
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError) as err:
+        get_optimizer_class("adamx")
+    for name in OPTIMIZERS:
+        assert name in str(err.value)
