@@ -1,0 +1,321 @@
+"""Tokenizer and data: C4 streamed from the hub, the built-in sample, or local files, through one pipeline.
+
+The reference (spec d.6) streams `allenai/c4` `en`, shuffles it with seed 42 and a 1000-document buffer, splits it
+across ranks with `split_dataset_by_node`, and makes one sequence per document: the T5 tokens truncated to
+`max_length` with EOS kept, right-padded with the pad id. We keep that, and fix its data loss: the reference's
+wrapper made each DataLoader worker keep only every `workers`-th document of the shards `datasets` had already
+given it, discarding 15/16 of what it read. Here `datasets` alone splits the rank's shards among the workers, so
+every document is used exactly once per epoch across ranks x workers (when the shard count is not a multiple of
+the world size, `datasets` has every rank read all shards and keep every world_size-th document). Tokenisation
+runs in the workers.
+
+Local sources are read with the same `datasets` streaming builders (`json`, `parquet`, `text`), so the code that
+serves C4 is the code the tests run.
+"""
+
+import itertools
+import os
+import re
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import datasets
+import torch
+from datasets.distributed import split_dataset_by_node
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import AutoTokenizer
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+BUILTIN_TOKENIZER_DIR = DATA_DIR / "tokenizer"
+SAMPLE_DIR = DATA_DIR / "sample"
+C4_HUB_ID, C4_CONFIG = "allenai/c4", "en"
+EVAL_SHUFFLE_BUFFER = 1000  # the `datasets` default the reference's eval stream used
+HOLDOUT_EVERY = 100  # without a validation file, ~1 document in 100 is held out for evaluation
+TOKENIZE_CHUNK = 64  # documents per tokenizer call: amortises the Python/Rust crossing
+# Shards move between workers from pass to pass, so one pass may give a worker nothing; a worker whose share stays
+# empty this many passes in a row (tiny or empty shards) stops instead of spinning, which would stall the loader.
+MAX_EMPTY_PASSES = 100
+
+# Longer suffixes first: "x.jsonl.gz" must not be taken for an unknown ".gz".
+_BUILDER_BY_SUFFIX = {
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".txt": "text",
+}
+_SUPPORTED = ", ".join(_BUILDER_BY_SUFFIX)
+_VALIDATION_NAME = re.compile(r"(?:^|[/_.-])validation(?:[/_.-]|$)")
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(name: str, max_length: int):
+    """The tokenizer named by `--tokenizer`, with `pad_token_id` set.
+
+    `builtin` is the 32k SentencePiece tokenizer shipped in `data/tokenizer` (no network; see data/NOTICE); a
+    local directory is loaded from disk; anything else is a hub id (`t5-base`, the reference's), loaded like the
+    reference with `model_max_length=max_length`. A tokenizer without a pad token pads with its unk token (else
+    EOS): pads are told apart by the attention mask, not by their id.
+    """
+    if name == "builtin":
+        location = str(BUILTIN_TOKENIZER_DIR)
+        if not BUILTIN_TOKENIZER_DIR.is_dir():
+            raise FileNotFoundError(f"--tokenizer builtin: {location} is missing; rebuild it with "
+                                    "scripts/build_sample_corpus.py")
+    elif Path(name).expanduser().exists():
+        location = str(Path(name).expanduser())
+        if not Path(location).is_dir():
+            raise FileNotFoundError(f"--tokenizer {name}: not a directory; pass a directory holding "
+                                    "tokenizer files, 'builtin', or a hub id such as t5-base")
+    elif name.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"--tokenizer {name}: no such directory")
+    else:
+        location = name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, model_max_length=max_length)
+    except OSError as err:
+        raise FileNotFoundError(f"--tokenizer {name}: cannot load it from the Hugging Face hub or its cache "
+                                f"({type(err).__name__}); use --tokenizer builtin or a local directory") from err
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--tokenizer {name}: it has no EOS token, which ends every sequence; pick another")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------- sources
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where documents come from: C4 on the hub, or local files read by one `datasets` builder.
+
+    `builder` is "c4", "json", "parquet" or "text" (a .txt file holds documents separated by blank lines).
+    `holdout` is set when there is no validation file: a fixed ~1/HOLDOUT_EVERY of the training documents,
+    chosen by a hash of their text (so independent of shards, ranks and workers), becomes the validation split
+    and is left out of training. Evaluation then scans the training files for it: give a large corpus a
+    `*validation*` file.
+    """
+
+    name: str
+    builder: str
+    train_files: tuple[str, ...] = ()
+    validation_files: tuple[str, ...] = ()
+    holdout: bool = False
+
+
+def resolve_dataset(name: str) -> DatasetSource:
+    """`--dataset`: 'c4', 'sample' (the corpus in data/sample), or a file or directory of data files."""
+    if name == "c4":
+        return DatasetSource(name="c4", builder="c4")
+    if name == "sample":
+        if not SAMPLE_DIR.is_dir():
+            raise FileNotFoundError(f"--dataset sample: {SAMPLE_DIR} is missing; rebuild it with "
+                                    "scripts/build_sample_corpus.py")
+        return _local_source("sample", SAMPLE_DIR)
+    path = Path(name).expanduser()
+    if path.exists():
+        return _local_source(name, path)
+    if "/" in name or "\\" in name or "." in name:
+        raise FileNotFoundError(f"--dataset {name}: no such file or directory")
+    raise ValueError(f"--dataset {name}: unknown dataset; use c4, sample, or a path to {_SUPPORTED} files")
+
+
+def _builder_for(path: Path) -> str | None:
+    lower = path.name.lower()
+    return next((b for suffix, b in _BUILDER_BY_SUFFIX.items() if lower.endswith(suffix)), None)
+
+
+def _local_source(name: str, path: Path) -> DatasetSource:
+    if path.is_file():
+        if _builder_for(path) is None:
+            raise ValueError(f"--dataset {name}: unsupported file type; use one of {_SUPPORTED}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"--dataset {name}: the file is empty")
+        return DatasetSource(name=name, builder=_builder_for(path), train_files=(str(path.resolve()),), holdout=True)
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and _builder_for(p) and p.stat().st_size > 0
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not files:
+        raise FileNotFoundError(f"--dataset {name}: no non-empty {_SUPPORTED} files in this directory")
+    builders = sorted({_builder_for(p) for p in files})
+    if len(builders) > 1:
+        raise ValueError(f"--dataset {name}: mixes file formats ({', '.join(builders)}); keep one format per directory")
+    is_validation = [bool(_VALIDATION_NAME.search(p.relative_to(path).as_posix().lower())) for p in files]
+    train = tuple(str(p.resolve()) for p, v in zip(files, is_validation) if not v)
+    validation = tuple(str(p.resolve()) for p, v in zip(files, is_validation) if v)
+    if not train:
+        raise ValueError(f"--dataset {name}: only validation files; add training files beside them")
+    return DatasetSource(name=name, builder=builders[0], train_files=train, validation_files=validation,
+                         holdout=not validation)
+
+
+def _is_held_out(text: str) -> bool:
+    return zlib.crc32(text.encode("utf-8")) % HOLDOUT_EVERY == 0
+
+
+def _strip_paragraph(example: dict) -> dict:
+    return {"text": example["text"].strip("\n")}
+
+
+def _has_text(example: dict) -> bool:
+    return bool(example["text"])
+
+
+def _keeps(example: dict, held_out: bool) -> bool:
+    return _is_held_out(example["text"]) == held_out
+
+
+def load_documents(source: DatasetSource, split: str) -> datasets.IterableDataset:
+    """The unshuffled, unsplit document stream of `split` ("train" or "validation")."""
+    if source.builder == "c4":
+        return datasets.load_dataset(C4_HUB_ID, C4_CONFIG, split=split, streaming=True)
+    files = source.validation_files if split == "validation" and not source.holdout else source.train_files
+    options = {"sample_by": "paragraph"} if source.builder == "text" else {}
+    stream = datasets.load_dataset(source.builder, data_files=list(files), split="train", streaming=True, **options)
+    if stream.column_names is not None and "text" not in stream.column_names:
+        raise ValueError(f"--dataset {source.name}: documents need a 'text' field; found {stream.column_names}")
+    if source.builder == "text":
+        stream = stream.map(_strip_paragraph).filter(_has_text)
+    if source.holdout:
+        stream = stream.filter(partial(_keeps, held_out=split == "validation"))
+    return stream
+
+
+# ---------------------------------------------------------------------------------------------------- loaders
+
+
+class TokenizedDocuments(IterableDataset):
+    """One rank's documents, shuffled and tokenised inside the DataLoader workers.
+
+    Each pass re-shuffles with seed `seed + epoch` (shard order and buffer); pass 0 is the reference's stream.
+    In each worker `datasets` takes that worker's shards of the rank's share, so no document is read twice or
+    thrown away. Without packing a document gives one sequence of at most `max_length` tokens ending in EOS
+    (the T5 way); with packing, documents joined by EOS are cut into full rows of `max_length`.
+    """
+
+    def __init__(self, documents: datasets.IterableDataset, tokenizer, *, max_length: int, rank: int,
+                 world_size: int, seed: int, shuffle_buffer: int, packing: bool, num_epochs: int | None):
+        super().__init__()
+        self.documents = documents
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.packing = packing
+        self.num_epochs = num_epochs
+
+    def epoch_stream(self, epoch: int) -> datasets.IterableDataset:
+        """This rank's share for one pass (a fresh dataset: `set_epoch` would share state across workers)."""
+        stream = self.documents.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
+        if self.world_size > 1:
+            stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
+        return stream
+
+    def token_ids(self) -> Iterator[list[int]]:
+        """Token ids of each document, no special tokens (cut to `max_length - 1` unless packing), pass after pass."""
+        truncation = {} if self.packing else {"truncation": True, "max_length": self.max_length - 1}
+        epochs = itertools.count() if self.num_epochs is None else range(self.num_epochs)
+        empty_passes = 0
+        for epoch in epochs:
+            documents = iter(self.epoch_stream(epoch))
+            empty_passes += 1
+            while chunk := [example["text"] for example in itertools.islice(documents, TOKENIZE_CHUNK)]:
+                empty_passes = 0
+                yield from self.tokenizer(chunk, add_special_tokens=False, verbose=False, **truncation)["input_ids"]
+            if empty_passes == MAX_EMPTY_PASSES:
+                return
+
+    def __iter__(self) -> Iterator[list[int]]:
+        eos = self.tokenizer.eos_token_id
+        if not self.packing:
+            for ids in self.token_ids():
+                yield ids + [eos]
+            return
+        row: list[int] = []
+        for ids in self.token_ids():
+            row += ids + [eos]
+            while len(row) >= self.max_length:
+                yield row[: self.max_length]
+                row = row[self.max_length :]
+
+
+def pad_batch(sequences: list[list[int]], *, max_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to `max_length` (fixed shapes, like the reference); attention_mask is 0 on pads."""
+    input_ids = torch.full((len(sequences), max_length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), max_length), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def _single_threaded_tokenizer(worker_id: int) -> None:
+    # Every worker would otherwise start a Rust thread pool the size of the machine.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _check_loader_args(max_length: int, batch_size: int, rank: int, world_size: int, num_workers: int) -> None:
+    if max_length < 2:
+        raise ValueError(f"--max_length {max_length}: must be at least 2 (a token and EOS)")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size {batch_size}: must be at least 1")
+    if num_workers < 0:
+        raise ValueError(f"--workers {num_workers}: must be 0 or more")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+
+
+def _dataloader(dataset: TokenizedDocuments, tokenizer, *, max_length: int, batch_size: int,
+                num_workers: int) -> DataLoader:
+    # A worker beyond the rank's shard count would get nothing from `datasets`.
+    workers = min(num_workers, dataset.epoch_stream(0).num_shards)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=partial(pad_batch, max_length=max_length, pad_token_id=tokenizer.pad_token_id),
+        worker_init_fn=_single_threaded_tokenizer if workers > 0 else None,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def build_train_dataloader(source: DatasetSource, tokenizer, *, max_length: int, batch_size: int, rank: int,
+                           world_size: int, num_workers: int, seed: int = 42, packing: bool = False,
+                           shuffle_buffer: int = 1000, num_epochs: int | None = None) -> DataLoader:
+    """Training batches {"input_ids", "attention_mask"}: LongTensor[batch_size, max_length] each.
+
+    The stream repeats forever by default (`num_epochs=None`), each pass re-shuffled with seed + epoch, so a small
+    corpus can be trained on for any number of steps; C4 is never exhausted in practice. The position is not
+    checkpointed: a resumed run skips the micro-batches it already consumed.
+    """
+    _check_loader_args(max_length, batch_size, rank, world_size, num_workers)
+    dataset = TokenizedDocuments(load_documents(source, "train"), tokenizer, max_length=max_length, rank=rank,
+                                 world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, packing=packing,
+                                 num_epochs=num_epochs)
+    return _dataloader(dataset, tokenizer, max_length=max_length, batch_size=batch_size, num_workers=num_workers)
+
+
+def build_eval_dataloader(source: DatasetSource, tokenizer, *, max_length: int, batch_size: int, rank: int,
+                          world_size: int, num_workers: int = 0, seed: int = 42) -> DataLoader:
+    """Validation batches in the training format, one pass, one document per sequence (no packing).
+
+    C4: its `validation` split. Local data: the files named `*validation*` (the sample's validation shard), or,
+    if there are none, the ~1% of documents held out of training by a hash of their text. Shuffled with
+    `seed` and a 1000-document buffer like the reference, then split across ranks.
+    """
+    _check_loader_args(max_length, batch_size, rank, world_size, num_workers)
+    dataset = TokenizedDocuments(load_documents(source, "validation"), tokenizer, max_length=max_length, rank=rank,
+                                 world_size=world_size, seed=seed, shuffle_buffer=EVAL_SHUFFLE_BUFFER, packing=False,
+                                 num_epochs=1)
+    return _dataloader(dataset, tokenizer, max_length=max_length, batch_size=batch_size, num_workers=num_workers)
