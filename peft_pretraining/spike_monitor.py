@@ -1,0 +1,194 @@
+"""Gradient-spike monitoring on the device: SPAM's Gradient Spike Score and StableSPAM's clipping statistics.
+
+The Gradient Spike Score of SPAM (arXiv 2501.06842) of one gradient element is its magnitude over the mean
+magnitude of that element so far, the current step included:
+
+    GSS(g_i) = |g_i| / mean_j |g_i^(j)|        a spike is GSS > 50 (the paper's Fig. 2)
+
+Here the mean runs over the *observed* steps: with `every=k` the monitor looks at steps k, 2k, 3k, ... and
+both the numerator and the running mean use only those steps (a spike on an unobserved step is not seen at
+all). Because the current step is part of the mean, GSS <= the number of observations of that tensor, so a
+threshold of 50 can fire only from the 51st observation on (step 51*k). The first observation scores every
+nonzero element exactly 1; an element whose running mean is 0 scores 0.
+
+Use in the training loop (the values stay 0-dim device tensors; convert them to floats together with the
+loop's other logged values, one host sync per update):
+
+    monitor = GradientSpikeMonitor(model.named_parameters(), threshold=50.0, every=10)
+    ...                                         # backward of the update's last micro-batch
+    spikes = monitor.observe(step)              # step: the 1-based number this update is logged under;
+                                                # {} unless step % every == 0. Before clipping.
+    ...                                         # clip, optimizer.step()
+    if spikes:
+        spikes |= optimizer_spike_stats(optimizer)
+    names, values = list(spikes), torch.stack([v.float() for v in spikes.values()]).tolist()
+    checkpoint["spike_monitor"] = monitor.state_dict()          # and monitor.load_state_dict(...) on resume
+
+Call `observe` after gradients are complete (DDP: after the all-reduce of the last micro-batch) and before
+gradient clipping, which rewrites `p.grad` in place; skip it on updates whose gradients are not finite, since
+a NaN/inf would stay in that element's running mean for the rest of the run.
+Meant for plain (or DDP-replicated) parameters; FSDP2's sharded DTensor parameters are untested.
+
+Memory: one float32 buffer per monitored tensor, i.e. 4 bytes per monitored parameter element (LLaMA-130M:
+0.54 GB, LLaMA-1B: 5.4 GB) whatever the parameter dtype, plus, during an observation, two transient float32
+buffers of the size of the tensor being scored. `matrices_only=True` leaves out the 1-D norm weights (a
+negligible saving for LLaMA, whose parameters are almost all matrices; it mainly drops the `norm` key).
+Time: about ten elementwise passes over each monitored tensor per observation, which `every` amortises.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+# Parameter-name components that identify a layer type; the first match wins, anything else is "other".
+LAYER_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
+               "lm_head")
+NORM_TYPE = "norm"
+OTHER_TYPE = "other"
+DEFAULT_THRESHOLD = 50.0
+# Smallest positive float32: dividing by it instead of 0 turns 0/0 into 0 (|g| <= running sum, so the
+# numerator is 0 wherever the sum is).
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def layer_type(name: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'q_proj'; '...input_layernorm.weight' -> 'norm'.
+
+    Matches whole dotted components, so wrapper prefixes (DDP's `module.`, torch.compile's `_orig_mod.`) do
+    not matter."""
+    components = name.split(".")
+    for candidate in LAYER_TYPES:
+        if candidate in components:
+            return candidate
+    if any(component.endswith(NORM_TYPE) for component in components):
+        return NORM_TYPE
+    return OTHER_TYPE
+
+
+@dataclass
+class _Tracked:
+    """One monitored parameter: its running sum of |g| (float32, on the param's device) and how many
+    observations went into it (a host int: counting needs no device work)."""
+    param: torch.Tensor
+    layer_type: str
+    abs_sum: torch.Tensor
+    observations: int = 0
+
+
+class GradientSpikeMonitor:
+    """Counts gradient elements whose Gradient Spike Score exceeds `threshold`, per layer type.
+
+    Args:
+        named_parameters: (name, parameter) pairs, e.g. `model.named_parameters()`; parameters that do not
+            require grad or are empty are ignored.
+        threshold: an element is a spike when its GSS exceeds this (SPAM's figures use 50).
+        every: observe only update steps that are multiples of this (the running mean is over those steps).
+        matrices_only: monitor only 2-D parameters (skips norm weights and biases).
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.Tensor]], *,
+                 threshold: float = DEFAULT_THRESHOLD, every: int = 1, matrices_only: bool = False):
+        if not threshold > 0:
+            raise ValueError(f"threshold={threshold}: must be positive (SPAM uses 50)")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r}: must be an integer >= 1 (observe every N update steps)")
+        self.threshold = float(threshold)
+        self.every = every
+        self._tracked: dict[str, _Tracked] = {}
+        for name, param in named_parameters:
+            if not param.requires_grad or param.numel() == 0 or (matrices_only and param.dim() != 2):
+                continue
+            self._tracked[name] = _Tracked(param=param, layer_type=layer_type(name),
+                                           abs_sum=torch.zeros_like(param, dtype=torch.float32))
+        if not self._tracked:
+            raise ValueError("no parameter to monitor: pass model.named_parameters() of a model with trainable "
+                             "parameters (2-D ones with matrices_only=True)")
+        self._device = next(iter(self._tracked.values())).abs_sum.device
+        self.layer_types = sorted({tracked.layer_type for tracked in self._tracked.values()})
+
+    def is_due(self, step: int) -> bool:
+        """Whether `observe(step)` will look at the gradients."""
+        return step % self.every == 0
+
+    @torch.no_grad()
+    def observe(self, step: int) -> dict[str, torch.Tensor]:
+        """Score the current gradients if `step` is due; returns 0-dim float32 device tensors.
+
+        Keys: `spikes/<layer type>` for every monitored type, `spikes/total`, and `gss_max` (the largest
+        score of any element). Returns {} when the step is not due or no monitored parameter has a gradient.
+        Never synchronises with the device.
+        """
+        if not self.is_due(step):
+            return {}
+        counts: dict[str, list[torch.Tensor]] = {kind: [] for kind in self.layer_types}
+        maxima = []
+        for tracked in self._tracked.values():
+            grad = tracked.param.grad
+            if grad is None:
+                continue
+            tracked.observations += 1
+            magnitude = grad.detach().abs().float()  # a fresh tensor: the in-place ops below never touch p.grad
+            tracked.abs_sum.add_(magnitude)
+            score = magnitude.mul_(tracked.observations).div_(tracked.abs_sum.clamp_min(_TINY))
+            counts[tracked.layer_type].append((score > self.threshold).sum().to(self._device))
+            maxima.append(score.amax().to(self._device))
+        if not maxima:
+            return {}
+        zero = torch.zeros((), dtype=torch.int64, device=self._device)
+        per_type = {kind: torch.stack(found).sum() if found else zero for kind, found in counts.items()}
+        result = {f"spikes/{kind}": count.float() for kind, count in per_type.items()}
+        result["spikes/total"] = torch.stack(list(per_type.values())).sum().float()
+        result["gss_max"] = torch.stack(maxima).amax()
+        return result
+
+    def state_dict(self) -> dict:
+        """The running sums (references, not copies, like `nn.Module.state_dict`) and observation counts."""
+        return {"abs_sums": {name: tracked.abs_sum for name, tracked in self._tracked.items()},
+                "observations": {name: tracked.observations for name, tracked in self._tracked.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` output into a monitor built over the same parameters (and options)."""
+        saved, expected = set(state["abs_sums"]), set(self._tracked)
+        if saved != expected:
+            raise ValueError(f"spike monitor state covers {len(saved)} tensors but this monitor tracks "
+                             f"{len(expected)} (e.g. missing {sorted(expected - saved)[:3]}, unexpected "
+                             f"{sorted(saved - expected)[:3]}); build it over the same parameters and "
+                             "matrices_only setting as the saved run")
+        for name, tracked in self._tracked.items():
+            abs_sum = state["abs_sums"][name]
+            if abs_sum.shape != tracked.abs_sum.shape:
+                raise ValueError(f"spike monitor state for {name} has shape {tuple(abs_sum.shape)}, the "
+                                 f"parameter {tuple(tracked.abs_sum.shape)}; resume with the same model config")
+            tracked.abs_sum.copy_(abs_sum)
+            tracked.observations = int(state["observations"][name])
+
+
+@torch.no_grad()
+def optimizer_spike_stats(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """StableSPAM's adaptive clipping and norm scaling, and SPAM's post-clipping norm, as 0-dim device tensors.
+
+    Reads what the optimizers leave for monitoring: the per-param `clip_threshold` (AdaClip's T) and
+    `norm_scale` (AdaGN's c) in `optimizer.state[p]` (StableSPAM), summarised as
+    `stablespam/{clip_threshold,norm_scale}_{mean,min,max}` over the params that have them, and
+    `optimizer.last_grad_norm` (SPAM) as `spam/last_grad_norm`. Keys whose source is absent are left out
+    (any other optimizer gives {}). Never synchronises with the device.
+    """
+    values: dict[str, list[torch.Tensor]] = {"clip_threshold": [], "norm_scale": []}
+    for state in optimizer.state.values():
+        for key, found in values.items():
+            if key in state:
+                found.append(torch.as_tensor(state[key]))
+    result = {}
+    for key, found in values.items():
+        if not found:
+            continue
+        device = found[0].device
+        stacked = torch.stack([value.to(device=device, dtype=torch.float32) for value in found])
+        result[f"stablespam/{key}_mean"] = stacked.mean()
+        result[f"stablespam/{key}_min"] = stacked.amin()
+        result[f"stablespam/{key}_max"] = stacked.amax()
+    last_grad_norm = getattr(optimizer, "last_grad_norm", None)
+    if last_grad_norm is not None:
+        result["spam/last_grad_norm"] = torch.as_tensor(last_grad_norm).float()
+    return result
