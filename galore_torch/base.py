@@ -29,3 +29,21 @@ def validate_density(value: float, name: str = "density") -> None:
 def validate_variant(value: str) -> None:
     if value not in ("reference", "corrected"):
         raise ValueError(f"invalid variant: {value!r} (choose 'reference' or 'corrected')")
+
+
+def validate_non_negative_int(value: int, name: str) -> None:
+    """Step counts and periods: a plain int >= 0 (bool is rejected, it is a silent 0/1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"invalid {name}: {value!r} (must be an int >= 0)")
+
+
+def validate_positive_int(value: int, name: str) -> None:
+    """Lengths of schedules: a plain int >= 1 (bool is rejected, it is a silent 0/1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"invalid {name}: {value!r} (must be an int >= 1)")
+
+
+def validate_closed_unit_interval(value: float, name: str) -> None:
+    """Fractions that may reach both ends: 0 <= value <= 1."""
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"invalid {name}: {value!r} (must be in [0, 1])")

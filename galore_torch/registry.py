@@ -2,11 +2,18 @@
 
 import torch
 
+from galore_torch.lion import Lion
+from galore_torch.spam import SPAM
+from galore_torch.stable_spam import StableSPAM
+
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "adafactor": torch.optim.Adafactor,
     "sgd": torch.optim.SGD,
+    "lion": Lion,
+    "spam": SPAM,
+    "stablespam": StableSPAM,
 }
 
 

@@ -15,3 +15,11 @@ def test_unknown_name_lists_valid_names():
         get_optimizer_class("adamx")
     for name in OPTIMIZERS:
         assert name in str(err.value)
+
+
+def test_project_optimizers_registered():
+    from galore_torch import SPAM, Lion, StableSPAM
+
+    assert get_optimizer_class("StableSPAM") is StableSPAM
+    assert get_optimizer_class("spam") is SPAM
+    assert get_optimizer_class("lion") is Lion

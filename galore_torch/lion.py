@@ -1,0 +1,77 @@
+"""Lion: the sign of an interpolated momentum as the update, a baseline for the Adam-family optimizers."""
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from galore_torch.base import validate_betas, validate_non_negative
+
+
+def lion_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], *,
+                lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
+    """One Lion step in place on same-device, same-dtype lists: c = beta1 m + (1 - beta1) g,
+    p <- p (1 - lr wd) - lr sign(c), m <- beta2 m + (1 - beta2) g."""
+    updates = torch._foreach_mul(exp_avgs, beta1)
+    torch._foreach_add_(updates, grads, alpha=1.0 - beta1)
+    torch._foreach_sign_(updates)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+    torch._foreach_add_(params, updates, alpha=-lr)
+    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta2)
+
+
+class Lion(torch.optim.Optimizer):
+    """Lion, from "Symbolic Discovery of Optimization Algorithms" (Chen et al., 2023).
+
+    Every entry moves by exactly lr per step, in the direction of sign(beta1 m + (1 - beta1) g); the momentum
+    m then decays with beta2. One moment per param (half of Adam's state). Weight decay is decoupled.
+    Params are updated as lists grouped by device and dtype; `step()` never writes `p.grad`.
+
+    Args:
+        params: parameters or param groups.
+        lr: learning rate (typically 3-10x smaller than AdamW's).
+        betas: (beta1, beta2): interpolation weight of the update direction, decay rate of the momentum.
+        weight_decay: decoupled weight decay p <- p * (1 - lr * weight_decay).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+    ):
+        validate_non_negative(lr, "lr")
+        validate_betas(betas)
+        validate_non_negative(weight_decay, "weight_decay")
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every param with a gradient; returns the closure's loss (None without a closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group_index, group in enumerate(self.param_groups):
+            buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list, list]] = {}
+            for param_index, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(f"Lion does not support sparse gradients (param {param_index} of param "
+                                     f"group {group_index}); use dense ones, e.g. nn.Embedding(sparse=False)")
+                state = self.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                params, grads, exp_avgs = buckets.setdefault((p.device, p.dtype), ([], [], []))
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+            beta1, beta2 = group["betas"]
+            for params, grads, exp_avgs in buckets.values():
+                lion_update(params, grads, exp_avgs, lr=group["lr"], beta1=beta1, beta2=beta2,
+                            weight_decay=group["weight_decay"])
+        return loss

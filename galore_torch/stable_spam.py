@@ -1,0 +1,427 @@
+"""StableSPAM: Adam behind adaptive spike clipping (AdaClip), gradient-norm normalisation (AdaGN) and a
+periodic momentum reset.
+
+The step is split in two: host-side bookkeeping on Python numbers (step counters, the cosine scale, bias
+corrections, the reset gate) and a functional core over lists of tensors (`update_buckets`) that never
+syncs with the device and that `torch.compile(fullgraph=True)` compiles whole. Reference behaviour:
+shared/spec/reference-behaviour.md section a.
+"""
+
+import math
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any, NamedTuple
+
+import torch
+
+from galore_torch.base import (
+    validate_betas,
+    validate_closed_unit_interval,
+    validate_non_negative,
+    validate_non_negative_int,
+    validate_positive_int,
+    validate_unit_interval,
+    validate_variant,
+)
+
+Tensors = list[torch.Tensor]
+# (param, its state, the AdaClip/AdaGN step count of this step)
+Member = tuple[torch.Tensor, dict[str, Any], int]
+
+
+def cosine_scale(step: int, total_T: int | None, eta_min: float, clamp: bool) -> float:
+    """The factor s_t on beta1 and gamma1 at global step `step` (1-based): 1 without `total_T`.
+
+    Written as torch's CosineAnnealingLR closed form (T_max = total_T + 1, base value 1) evaluates it, so the
+    floats match the original bit for bit. That form is periodic: eta_min at total_T + 1, back to 1 at
+    2 (total_T + 1). With `clamp` it stays at eta_min after total_T + 1.
+    """
+    if total_T is None:
+        return 1.0
+    if clamp and step > total_T + 1:
+        return eta_min
+    return eta_min + (1.0 - eta_min) * (1 + math.cos(math.pi * step / (total_T + 1))) / 2
+
+
+class Coefficients(NamedTuple):
+    """The numbers of one step that change from step to step, one value per param of a bucket.
+
+    Computed on the host in Python floats in the original's order (so they round once, to the compute dtype,
+    as the original's scalars do) and handed to the core as one tensor, a row per field: a compiled core then
+    sees new values, not new constants, and never recompiles for them.
+    """
+
+    decay: Any  # 1 - lr * weight_decay
+    gamma1_scaled: Any  # gamma1 * s_t
+    one_minus_gamma1_scaled: Any
+    beta1_scaled: Any  # beta1 * s_t
+    one_minus_beta1_scaled: Any
+    clip_bias_correction: Any  # 1 - theta^k
+    norm_bias_correction: Any  # 1 - (gamma1 * s_t)^k
+    sq_norm_bias_correction: Any  # 1 - gamma2^k
+    step_size: Any  # lr / (1 - (beta1 * s_t)^k_adam)
+    inverse_bias_correction2_sqrt: Any  # 1 / sqrt(1 - beta2^k_adam)
+
+
+class BucketRule(NamedTuple):
+    """What the core does to one bucket; all fields are constants, so a compiled core guards on them cheaply."""
+
+    theta: float
+    gamma2: float
+    beta2: float
+    eps: float
+    decay: bool  # weight decay on
+    reset_before: bool  # zero all moments (amsgrad's maximum included) before they are used
+    reset_after: bool  # zero the two Adam moments after the update (the original's delayed reset)
+
+
+class Bucket(NamedTuple):
+    """Params updated together: same group, device and dtype. `max_exp_avg_sqs` is empty without amsgrad."""
+
+    params: Tensors
+    grads: Tensors
+    exp_avgs: Tensors
+    exp_avg_sqs: Tensors
+    max_exp_avg_sqs: Tensors
+    m_maxes: Tensors  # EMA of max |g|, 0-dim
+    m_norms: Tensors  # EMA of the clipped gradient's norm, 0-dim
+    v_norms: Tensors  # EMA of its square, 0-dim
+    coefficients: torch.Tensor  # [len(Coefficients._fields), len(params)], in the compute dtype
+
+
+def update_bucket(bucket: Bucket, rule: BucketRule) -> tuple[Tensors, Tensors]:
+    """One StableSPAM update of a bucket in place; returns (clip thresholds, AdaGN scales), 0-dim tensors.
+
+    Computes in the dtype of `bucket.coefficients` (float32, or float64 for float64 params) and stores into
+    the params and state in their own dtype. Follows the original's arithmetic step by step, except that
+    divisions by a per-tensor number are multiplications by its reciprocal (a rounding difference, and
+    three divisions per entry fewer). Reads `grads` without writing them.
+    """
+    dtype = bucket.coefficients.dtype
+    k = Coefficients(*(list(row.unbind(0)) for row in bucket.coefficients))
+    grads = [grad.to(dtype) for grad in bucket.grads]
+    m_maxes, m_norms, v_norms = (_working(tensors, dtype) for tensors in (bucket.m_maxes, bucket.m_norms,
+                                                                          bucket.v_norms))
+
+    # AdaClip: EMA of the unclipped max |g|; entries above its bias-corrected value T are multiplied by
+    # T / max, so the largest lands on T and smaller spikes proportionally below.
+    maxima = [_abs_max(grad) for grad in grads]
+    torch._foreach_mul_(m_maxes, rule.theta)
+    torch._foreach_add_(m_maxes, torch._foreach_mul(maxima, 1.0 - rule.theta))
+    thresholds = torch._foreach_div(m_maxes, k.clip_bias_correction)
+    clip_factors = torch._foreach_div(thresholds, maxima)
+    normalized = [torch.where(grad.abs() > threshold, grad * clip_factor, grad)
+                  for grad, threshold, clip_factor in zip(grads, thresholds, clip_factors)]
+
+    # AdaGN: rescale the clipped gradient to norm c = m_hat / (sqrt(v_hat) + eps), EMAs of its norm and square.
+    norms = [torch.linalg.vector_norm(grad) for grad in normalized]
+    torch._foreach_mul_(m_norms, k.gamma1_scaled)
+    torch._foreach_add_(m_norms, torch._foreach_mul(norms, k.one_minus_gamma1_scaled))
+    torch._foreach_mul_(v_norms, rule.gamma2)
+    torch._foreach_add_(v_norms, torch._foreach_mul(torch._foreach_mul(norms, norms), 1.0 - rule.gamma2))
+    norm_denominators = torch._foreach_sqrt(torch._foreach_div(v_norms, k.sq_norm_bias_correction))
+    torch._foreach_add_(norm_denominators, rule.eps)
+    scales = torch._foreach_div(torch._foreach_div(m_norms, k.norm_bias_correction), norm_denominators)
+    # A zero norm leaves the (zero) gradient as it is.
+    gains = [torch.where(norm > 0, scale / norm, 1.0) for norm, scale in zip(norms, scales)]
+    torch._foreach_mul_(normalized, gains)
+
+    # Adam with decoupled weight decay (applied first; nothing else reads the params).
+    params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = (
+        _working(tensors, dtype) for tensors in (bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs,
+                                                 bucket.max_exp_avg_sqs))
+    if rule.reset_before:
+        torch._foreach_zero_(exp_avgs + exp_avg_sqs + max_exp_avg_sqs)
+    if rule.decay:
+        torch._foreach_mul_(params, k.decay)
+    torch._foreach_mul_(exp_avgs, k.beta1_scaled)
+    torch._foreach_addcmul_(exp_avgs, normalized, k.one_minus_beta1_scaled)
+    torch._foreach_mul_(exp_avg_sqs, rule.beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, normalized, normalized, value=1.0 - rule.beta2)
+    del normalized
+    second_moments = exp_avg_sqs
+    if max_exp_avg_sqs:
+        torch._foreach_maximum_(max_exp_avg_sqs, exp_avg_sqs)
+        second_moments = max_exp_avg_sqs
+    denominators = torch._foreach_sqrt(second_moments)
+    torch._foreach_mul_(denominators, k.inverse_bias_correction2_sqrt)
+    torch._foreach_add_(denominators, rule.eps)
+    updates = torch._foreach_div(exp_avgs, denominators)
+    del denominators
+    torch._foreach_addcmul_(params, updates, torch._foreach_neg(k.step_size))
+    if rule.reset_after:
+        torch._foreach_zero_(exp_avgs + exp_avg_sqs)
+
+    for stored, working in ((bucket.params, params), (bucket.exp_avgs, exp_avgs),
+                            (bucket.exp_avg_sqs, exp_avg_sqs), (bucket.max_exp_avg_sqs, max_exp_avg_sqs),
+                            (bucket.m_maxes, m_maxes), (bucket.m_norms, m_norms), (bucket.v_norms, v_norms)):
+        if stored and stored[0].dtype != dtype:
+            torch._foreach_copy_(stored, working)
+    return thresholds, scales
+
+
+def update_buckets(buckets: list[Bucket], rules: list[BucketRule]) -> list[tuple[Tensors, Tensors]]:
+    """The functional core of one step: `update_bucket` over every bucket (the unit that gets compiled)."""
+    return [update_bucket(bucket, rule) for bucket, rule in zip(buckets, rules)]
+
+
+def _abs_max(tensor: torch.Tensor) -> torch.Tensor:
+    """max |x| as a 0-dim tensor, NaN if any entry is NaN; one read of `tensor`, no temporary.
+
+    Compiled, it is an integer max over the bit patterns with the sign bit cleared (non-negative IEEE floats
+    sort like their bits, NaNs above inf), which inductor vectorises more cheaply than a float max with NaN
+    checks. Eager, `aminmax` is the fastest kernel that needs no |x| temporary.
+    """
+    if torch.compiler.is_compiling() and tensor.dtype in _SIGN_MASKS:
+        int_dtype, magnitude_bits = _SIGN_MASKS[tensor.dtype]
+        return tensor.view(int_dtype).bitwise_and(magnitude_bits).amax().view(tensor.dtype)
+    low, high = torch.aminmax(tensor)
+    return torch.maximum(high, low.neg())
+
+
+# float dtype -> (same-width int dtype, all bits but the sign)
+_SIGN_MASKS = {torch.float32: (torch.int32, 0x7FFF_FFFF), torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF)}
+
+
+def _working(tensors: Tensors, dtype: torch.dtype) -> Tensors:
+    """The tensors themselves in the compute dtype, else copies in it (written back by the caller)."""
+    return [tensor.to(dtype) for tensor in tensors]
+
+
+class StableSPAM(torch.optim.Optimizer):
+    """Stable-SPAM, from "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam" (Huang et al., 2025).
+
+    For each param tensor with a gradient, in this order: decoupled weight decay; AdaClip (entries with
+    |g| > T, T the bias-corrected EMA of max|g|, are multiplied by T / max|g|); AdaGN (the clipped gradient is
+    rescaled to norm c = m_hat / (sqrt(v_hat) + eps), m and v EMAs of its norm and squared norm); the momentum
+    reset every `update_proj_gap` steps; Adam with beta1 and gamma1 multiplied by a cosine scale s_t that
+    goes from 1 to `eta_min` over `total_T` steps.
+
+    `variant="reference"` (default) reproduces the original trajectories to float32 round-off, quirks
+    included. `variant="corrected"` changes four things:
+      1. the reset zeroes both moments before they are used and the update uses k = 1 in that same step (the
+         original updates the old moments with k = 1 bias corrections and zeroes them for the next step,
+         which then uses k = 2);
+      2. AdaClip and AdaGN bias corrections use their own never-reset step counter (the original shares the
+         reset counter, which inflates the clip threshold and AdaGN's v_hat after every reset);
+      3. s_t stays at eta_min after total_T + 1 steps (the original's closed-form cosine is periodic);
+      4. amsgrad's running maximum is reset with the moments (the original never resets it).
+    Both variants: the global step count is saved by `state_dict()` (as `total_steps` in the first param
+    group) so that a resumed run continues exactly; `step()` never writes `p.grad` and never syncs with the
+    device; params whose grad is None are skipped entirely (no decay, no counter increment, no reset).
+
+    State per param: `step` (Adam's count, reset to 1 at a reset), `stat_step` (corrected only), `exp_avg`,
+    `exp_avg_sq`, `max_exp_avg_sq` (amsgrad), the EMAs `m_max` (max|g|), `m_norm` (norm) and `v_norm`
+    (squared norm), and for monitoring the latest `clip_threshold` (T) and `norm_scale` (c), 0-dim tensors.
+    The arithmetic runs in float32 (float64 for float64 params); results are stored in the param dtype, as in
+    the original, where bf16's slow EMAs stall (spec a.5.9), or in float32 with `fp32_state=True`. For bf16
+    that rounds once per stored value, where the original rounds after every operation.
+
+    Args:
+        params: parameters or param groups (the original trains one group with every parameter).
+        lr: learning rate (per group).
+        betas: Adam's decay rates (beta1, beta2) (per group); beta1 is multiplied by s_t.
+        eps: added to Adam's denominator and to AdaGN's (per group).
+        weight_decay: decoupled weight decay p <- p * (1 - lr * weight_decay), before the update (per group).
+        amsgrad: normalise by the running maximum of Adam's second moment (per group).
+        gamma1: AdaGN decay rate of the norm EMA, multiplied by s_t; -1 means betas[0].
+        gamma2: AdaGN decay rate of the squared-norm EMA.
+        gamma3: AdaClip decay rate of the max|g| EMA (theta in the paper).
+        total_T: length in steps of the cosine scale s_t; None keeps s_t = 1.
+        eta_min: the lowest value of s_t.
+        update_proj_gap: reset Adam's moments at every multiple of this many steps; 0 never resets.
+        variant: "reference" (the original's numbers) or "corrected" (bugs fixed, see above).
+        foreach: None or True; params are always updated as lists grouped by device and dtype.
+        compile: run the update core through `torch.compile(fullgraph=True)`.
+        fp32_state: keep moments and EMAs of bf16/fp16 params in float32 (the original keeps the param dtype).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        gamma1: float = 0.7,
+        gamma2: float = 0.9,
+        gamma3: float = 0.999,
+        total_T: int | None = None,
+        eta_min: float = 0.5,
+        update_proj_gap: int = 1000,
+        variant: str = "reference",
+        foreach: bool | None = None,
+        compile: bool = False,
+        fp32_state: bool = False,
+    ):
+        validate_non_negative(lr, "lr")
+        validate_betas(betas)
+        validate_non_negative(eps, "eps")
+        validate_non_negative(weight_decay, "weight_decay")
+        if gamma1 != -1:
+            validate_unit_interval(gamma1, "gamma1")
+        validate_unit_interval(gamma2, "gamma2")
+        validate_unit_interval(gamma3, "gamma3")
+        if total_T is not None:
+            validate_positive_int(total_T, "total_T")
+        validate_closed_unit_interval(eta_min, "eta_min")
+        validate_non_negative_int(update_proj_gap, "update_proj_gap")
+        validate_variant(variant)
+        if foreach not in (None, True):
+            raise ValueError(f"invalid foreach: {foreach!r} (StableSPAM only has the multi-tensor "
+                             "implementation; pass None or True)")
+        self.gamma1 = betas[0] if gamma1 == -1 else gamma1
+        self.gamma2 = gamma2
+        self.theta = gamma3
+        self.total_T = total_T
+        self.eta_min = eta_min
+        self.update_proj_gap = update_proj_gap
+        self.variant = variant
+        self.fp32_state = fp32_state
+        self._core: Callable[[list[Bucket], list[BucketRule]], list[tuple[Tensors, Tensors]]] = update_buckets
+        if compile:
+            self._core = torch.compile(update_buckets, fullgraph=True)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad}
+        super().__init__(params, defaults)
+        # Kept in the first group so that state_dict() carries it and `state` holds only per-param entries
+        # (torch.distributed.checkpoint maps every state key to a param).
+        self.param_groups[0]["total_steps"] = 0
+
+    @property
+    def total_steps(self) -> int:
+        """Number of completed `step()` calls: the t of s_t and of the reset gate."""
+        return self.param_groups[0]["total_steps"]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One update of every param with a gradient; returns the closure's loss (None without a closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        t = self.total_steps + 1
+        self.param_groups[0]["total_steps"] = t
+        scale = cosine_scale(t, self.total_T, self.eta_min, clamp=self.variant == "corrected")
+        reset = self.update_proj_gap != 0 and t % self.update_proj_gap == 0
+        members, buckets, rules = [], [], []
+        for group_index, group in enumerate(self.param_groups):
+            rule = BucketRule(
+                theta=self.theta, gamma2=self.gamma2, beta2=group["betas"][1], eps=group["eps"],
+                decay=group["weight_decay"] != 0, reset_before=reset and self.variant == "corrected",
+                reset_after=reset and self.variant == "reference",
+            )
+            for entries in self._advance_counters(group_index, group, reset).values():
+                members.append(entries)
+                buckets.append(self._bucket(group, entries, scale))
+                rules.append(rule)
+        if not buckets:
+            return loss
+        for entries, (thresholds, scales) in zip(members, self._core(buckets, rules)):
+            for (p, state, _), threshold, norm_scale in zip(entries, thresholds, scales):
+                state["clip_threshold"] = threshold.to(self._state_dtype(p))
+                state["norm_scale"] = norm_scale.to(self._state_dtype(p))
+        return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate the group's own lr, betas, eps and weight_decay, then add it."""
+        index = len(self.param_groups)
+        merged = {**self.defaults, **param_group}
+        validate_non_negative(merged["lr"], f"param group {index} lr")
+        validate_betas(merged["betas"], f"param group {index} betas")
+        validate_non_negative(merged["eps"], f"param group {index} eps")
+        validate_non_negative(merged["weight_decay"], f"param group {index} weight_decay")
+        super().add_param_group(param_group)
+
+    def _advance_counters(self, group_index: int, group: dict[str, Any],
+                          reset: bool) -> dict[tuple[torch.device, torch.dtype], list[Member]]:
+        """Step the counters of the group's params with a gradient; returns (param, state, AdaClip/AdaGN
+        count) per device and dtype. Adam's count `step` restarts at 1 on a reset step. AdaClip and AdaGN
+        count with it (before the reset) in the reference, with their own `stat_step` in the corrected
+        variant."""
+        entries: dict[tuple[torch.device, torch.dtype], list[Member]] = {}
+        for param_index, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise ValueError(f"StableSPAM does not support sparse gradients (param {param_index} of param "
+                                 f"group {group_index}); use dense ones, e.g. nn.Embedding(sparse=False)")
+            state = self.state[p]
+            if "exp_avg" not in state:
+                self._init_state(state, p, group["amsgrad"])
+            if self.variant == "corrected":
+                state["stat_step"] += 1
+                stat_step = state["stat_step"]
+            else:
+                stat_step = state["step"] + 1
+            state["step"] = 1 if reset else state["step"] + 1
+            entries.setdefault((p.device, p.dtype), []).append((p, state, stat_step))
+        return entries
+
+    def _bucket(self, group: dict[str, Any], entries: list[Member], scale: float) -> Bucket:
+        """The core's input for params of one device and dtype, with the step's numbers computed in the
+        original's float order."""
+        lr, (beta1, beta2) = group["lr"], group["betas"]
+        gamma1_scaled, beta1_scaled = self.gamma1 * scale, beta1 * scale
+        columns = []
+        for _, state, stat_step in entries:
+            columns.append(Coefficients(
+                decay=1 - lr * group["weight_decay"],
+                gamma1_scaled=gamma1_scaled,
+                one_minus_gamma1_scaled=1 - gamma1_scaled,
+                beta1_scaled=beta1_scaled,
+                one_minus_beta1_scaled=1 - beta1_scaled,
+                clip_bias_correction=1 - self.theta**stat_step,
+                norm_bias_correction=1 - gamma1_scaled**stat_step,
+                sq_norm_bias_correction=1 - self.gamma2**stat_step,
+                step_size=lr / (1 - beta1_scaled ** state["step"]),
+                inverse_bias_correction2_sqrt=1 / math.sqrt(1 - beta2 ** state["step"]),
+            ))
+        p = entries[0][0]
+        # pinned, so that the copy to a GPU is asynchronous
+        coefficients = torch.tensor(list(zip(*columns)), dtype=torch.promote_types(p.dtype, torch.float32),
+                                    pin_memory=p.device.type == "cuda").to(p.device, non_blocking=True)
+        states = [state for _, state, _ in entries]
+        return Bucket(
+            params=[p for p, _, _ in entries],
+            grads=[p.grad for p, _, _ in entries],
+            exp_avgs=[state["exp_avg"] for state in states],
+            exp_avg_sqs=[state["exp_avg_sq"] for state in states],
+            max_exp_avg_sqs=[state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+            m_maxes=[state["m_max"] for state in states],
+            m_norms=[state["m_norm"] for state in states],
+            v_norms=[state["v_norm"] for state in states],
+            coefficients=coefficients,
+        )
+
+    def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The param dtype, or float32 for bf16/fp16 params with `fp32_state`."""
+        return torch.promote_types(p.dtype, torch.float32) if self.fp32_state else p.dtype
+
+    def _init_state(self, state: dict[str, Any], p: torch.Tensor, amsgrad: bool) -> None:
+        dtype = self._state_dtype(p)
+        state["step"] = 0
+        if self.variant == "corrected":
+            state["stat_step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        if amsgrad:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        for key in ("m_max", "m_norm", "v_norm"):
+            state[key] = torch.zeros((), dtype=dtype, device=p.device)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, then undo torch's cast of every state tensor to the param dtype so that float32 state of
+        bf16 params stays float32. Copies the tensors so the loaded dict is never aliased."""
+        if "total_steps" not in state_dict["param_groups"][0]:
+            raise ValueError("this optimizer state has no total_steps in its first param group: it was not "
+                             "saved by StableSPAM.state_dict()")
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
+        params = chain.from_iterable(group["params"] for group in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            state = self.state[p]
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point():
+                    state[key] = value.to(device=p.device, dtype=self._state_dtype(p), copy=True)
+
