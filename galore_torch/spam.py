@@ -207,19 +207,9 @@ class SPAM(torch.optim.Optimizer):
         validate_non_negative(threshold, "threshold")
         validate_non_negative_int(grad_accu_steps, "grad_accu_steps")
         validate_variant(variant)
-        self.warmup_epoch = warmup_epoch
-        self.threshold = threshold
-        self.grad_accu_steps = grad_accu_steps
-        self.variant = variant
-        self.foreach = foreach is not False
-        self.fp32_state = fp32_state
-        self.last_grad_norm: torch.Tensor | None = None
-        self._core: Callable[[list[Bucket], list[BucketRule]], list[torch.Tensor]] = update_buckets
-        self._compiled = compile
-        self._mask_copies: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
-        if compile:
-            # Round low-precision intermediates as eager does, so bf16 runs stay close to the uncompiled numbers.
-            self._core = torch.compile(update_buckets, fullgraph=True, options={"emulate_precision_casts": True})
+        self._configure({"warmup_epoch": warmup_epoch, "threshold": threshold, "grad_accu_steps": grad_accu_steps,
+                         "variant": variant, "foreach": foreach is not False, "compile": compile,
+                         "fp32_state": fp32_state})
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "correct_bias": correct_bias}
         super().__init__(params, defaults)
@@ -227,6 +217,34 @@ class SPAM(torch.optim.Optimizer):
         # `state` holds only per-param entries (torch.distributed.checkpoint maps every state key to a param).
         self.param_groups[0]["total_step"] = 0
         self.param_groups[0]["current_step"] = warmup_epoch + 1
+
+    def _configure(self, settings: dict[str, Any]) -> None:
+        """Set the optimizer-wide settings (constructor arguments that are not per group) and the core."""
+        self.settings = settings
+        self.warmup_epoch = settings["warmup_epoch"]
+        self.threshold = settings["threshold"]
+        self.grad_accu_steps = settings["grad_accu_steps"]
+        self.variant = settings["variant"]
+        self.foreach = settings["foreach"]
+        self.fp32_state = settings["fp32_state"]
+        self.last_grad_norm: torch.Tensor | None = None
+        self._mask_copies: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._core: Callable[[list[Bucket], list[BucketRule]], list[torch.Tensor]] = update_buckets
+        if settings["compile"]:
+            # Round low-precision intermediates as eager does, so bf16 runs stay close to the uncompiled numbers.
+            self._core = torch.compile(update_buckets, fullgraph=True, options={"emulate_precision_casts": True})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """torch pickles only defaults, state and param_groups; the settings must travel too (deepcopy, pickle)."""
+        return {**super().__getstate__(), "settings": self.settings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling restores the settings; load_state_dict also lands here, with state and groups only."""
+        state = dict(state)
+        settings = state.pop("settings", None)
+        super().__setstate__(state)
+        if settings is not None:
+            self._configure(settings)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group, add it, and draw the masks of its 2-D params if it is a density group."""
@@ -349,7 +367,7 @@ class SPAM(torch.optim.Optimizer):
     def _core_mask(self, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The mask as the core reads it: the bool mask itself, or for a compiled core a cached bfloat16 copy
         (inductor's CPU code loads bool tensors several times slower than 16-bit ones; ~5x on this machine)."""
-        if not self._compiled:
+        if not self.settings["compile"]:
             return mask
         source, copy = self._mask_copies.get(p, (None, None))
         if source is not mask:

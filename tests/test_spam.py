@@ -1,3 +1,4 @@
+import copy
 import io
 import math
 
@@ -198,9 +199,10 @@ def test_foreach_false_gives_the_same_parameters():
 
 
 def test_compiled_core_matches_eager():
+    """12 steps: clipping off then on (two graphs), and a mask refresh at the end of step 9."""
     torch._dynamo.reset()
-    compiled, _, compiled_norms = run_fast(torch.float32, 0.5, "reference", 6, compile=True)
-    eager, _, eager_norms = run_fast(torch.float32, 0.5, "reference", 6)
+    compiled, _, compiled_norms = run_fast(torch.float32, 0.5, "reference", 12, compile=True)
+    eager, _, eager_norms = run_fast(torch.float32, 0.5, "reference", 12)
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.stack(compiled_norms), torch.stack(eager_norms), rtol=1e-5, atol=1e-6)
@@ -436,6 +438,27 @@ def test_state_dict_round_trip_is_exact_across_a_mask_refresh(variant):
             resumed_value = resumed.state[resumed_params[name]][key]
             assert torch.equal(value, resumed_value) if torch.is_tensor(value) else value == resumed_value
     assert (resumed.total_step, resumed.current_step) == (optimizer.total_step, optimizer.current_step) == (30, 1)
+
+
+def test_deepcopy_carries_the_settings():
+    torch.manual_seed(0)
+    params = make_params(torch.float32)
+    optimizer = SPAM(param_groups(params, 0.5, 4), lr=2e-2, warmup_epoch=3, grad_accu_steps=2, variant="corrected")
+    generator = torch.Generator().manual_seed(1)
+    for step in range(1, 6):
+        set_gradients(params, step, generator)
+        optimizer.step()
+    copied_params, copied = copy.deepcopy((params, optimizer))
+    assert (copied.warmup_epoch, copied.variant, copied.total_step) == (3, "corrected", 5)
+    rng, grads_state = torch.get_rng_state(), generator.get_state()
+    for run_params, run_optimizer in ((params, optimizer), (copied_params, copied)):
+        torch.set_rng_state(rng)
+        generator.set_state(grads_state)
+        for step in range(6, 12):
+            set_gradients(run_params, step, generator)
+            run_optimizer.step()
+    for name, p in params.items():
+        assert torch.equal(p, copied_params[name]), name
 
 
 def test_fp32_state_survives_load_state_dict():
