@@ -1,0 +1,241 @@
+"""Command-line flags of the training run.
+
+Every flag of the reference `main_pretrain.py` keeps its name and meaning (spec d.1), so old command lines
+parse and mean what they did; the few new flags are grouped at the end of `build_parser`. `parse_args` does the
+checks that need nothing but the flags; `resolve_batch_arithmetic` does the ones that need the world size.
+Every user error is a ValueError naming the flag and the fix (the entry point turns it into one line, exit 2).
+"""
+
+import argparse
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
+                 "bf16_mixed": "bf16_mixed"}
+QUANT_FORMATS = ("int", "fp4_ref", "e2m1", "mxfp4", "nvfp4")
+SCHEDULERS = ("linear", "cosine", "cosine_restarts")
+# GaLore / Q-GaLore optimizers of the research code; their flags still parse so old scripts do.
+UNSUPPORTED_OPTIMIZER_PREFIXES = ("galore", "q_galore")
+# The reference's group size and kept outliers for its INT and "fp4" paths. The block formats (e2m1, mxfp4,
+# nvfp4) default to their own block size (None lets the quantization package pick it) and keep no outliers.
+REFERENCE_GROUP_SIZE = 256
+REFERENCE_ACT_TOPK = 2
+_REFERENCE_STYLE_FORMATS = (None, "int", "fp4_ref")  # None: the --act_quant/--fp4 path
+_TOKEN_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+
+
+def parse_token_count(text: str) -> int:
+    """'100M', '2B', '10_000' -> int (the reference's --max_train_tokens syntax, K and T added)."""
+    match = re.fullmatch(r"\s*([0-9][0-9_]*(?:\.[0-9]+)?)\s*([KMBT]?)\s*", str(text), re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a token count (e.g. 10M, 2B, 50000)")
+    return int(float(match.group(1).replace("_", "")) * _TOKEN_SUFFIXES[match.group(2).upper()])
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints the whole usage (80 flags) before an error; we print only the error line."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineErrorParser(prog="main_pretrain.py", description="Pretrain LLaMA on C4 (Stable-SPAM / SPAM).")
+    add = p.add_argument
+
+    # --- the reference's flags (spec d.1), same names, types and defaults ---
+    add("--model_config", type=str, required=True, help="LLaMA JSON config, e.g. configs/llama_130m.json")
+    add("--eval_every", type=int, default=5_000, help="evaluate every N updates (and at the end)")
+    add("--save_every", type=int, default=10_000, help="checkpoint every N updates (and at the end)")
+    add("--dtype", type=str, default=None,
+        help="bfloat16 (pure bf16, the papers' setting), float32, or bf16_mixed (fp32 weights, bf16 autocast); "
+             "default bfloat16 on a bf16 GPU else float32")
+    add("--seed", type=int, default=0)
+    add("--resume_step", type=int, default=None, help="checkpoint step to resume (default: the latest)")
+    add("--restore_optimizer", action="store_true", help="with --continue_from: also load optimizer+scheduler")
+    add("--continue_from", type=str, default=None, help="directory holding model_<step>/ checkpoints")
+    add("--single_gpu", action="store_true", help="one process without DDP (also under torchrun with 1 proc)")
+    add("--save_dir", type=str, default=None, help="run directory (default checkpoints/<config>-<date>)")
+    add("--use_hf_model", action="store_true", help="accepted; the HF LlamaForCausalLM is always used")
+    add("--workers", "--num_workers", dest="workers", type=int, default=16, help="DataLoader workers per rank")
+    add("--batch_size", type=int, required=True, help="micro-batch per process (sequences)")
+    add("--gradient_accumulation", type=int, default=None, help="micro-batches per update (derived if omitted)")
+    add("--total_batch_size", type=int, default=None, help="sequences per update over all processes")
+    add("--lr", type=float, default=1e-4, help="peak learning rate")
+    add("--warmup_steps", type=int, default=1_000)
+    add("--num_training_steps", type=int, default=10_000, help="optimizer updates (exactly this many)")
+    add("--max_train_tokens", type=parse_token_count, default=None,
+        help="token budget (e.g. 2B): overrides --num_training_steps as tokens // (total_batch_size*max_length)")
+    add("--optimizer", type=str, default="Adam", help="adam, adamw, sgd, adafactor, lion, spam, stablespam")
+    add("--max_length", type=int, default=256, help="tokens per sequence")
+    add("--scheduler", type=str, default="cosine", choices=SCHEDULERS)
+    add("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
+    add("--weight_decay", type=float, default=0.0)
+    add("--grad_clipping", type=float, default=0.0, help="clip the global grad norm to this value (0: off)")
+    add("--activation_checkpointing", action="store_true")
+    add("--tags", type=str, default=None, help="comma-separated wandb tags")
+    add("--name", type=str, default="test", help="wandb run name")
+    add("--project", type=str, default="test", help="wandb project")
+    add("--unset_wandb", action="store_true", help="no wandb at all (metrics.jsonl is always written)")
+    add("--entity", type=str, default=None, help="wandb entity")
+    add("--beta1", type=float, default=0.9, help="SGD momentum (as in the reference; Adam-type use defaults)")
+    add("--beta2", type=float, default=0.999, help="accepted for compatibility (GaLore-8bit only)")
+    add("--update_proj_gap", type=int, default=500, help="StableSPAM/SPAM momentum-reset period")
+    add("--weight_quant", action="store_true", help="accepted; inert like in the reference")
+    add("--simulation", action="store_true", help="accepted; inert like in the reference")
+    add("--weight_bits", type=int, default=8, help="INT bits for weights (and activations by default)")
+    add("--weight_group_size", type=int, default=None,
+        help="weight group size (default 256 for int/fp4_ref, the block size of e2m1/mxfp4/nvfp4)")
+    add("--stochastic_round", action="store_true", help="stochastic rounding of INT activations")
+    add("--act_quant", action="store_true", help="simulate INT weights and activations")
+    add("--act_bits", type=int, default=None, help="INT activation bits (default --weight_bits)")
+    add("--act_group_size", type=int, default=None,
+        help="activation group size (default --weight_group_size, else as for weights)")
+    add("--act_topk", type=int, default=None,
+        help="largest-|x| activations per group kept exact (default 2 for int/fp4_ref, 0 for e2m1/mx/nv)")
+    add("--act_stochastic", action="store_true", help="stochastic rounding of activations")
+    add("--fp4", action="store_true", help="simulate the reference 'fp4' (9-level grid, group 256, top-2)")
+    add("--gamma1", type=float, default=0.85, help="StableSPAM AdaGN momentum")
+    add("--gamma2", type=float, default=0.999, help="StableSPAM AdaGN second moment")
+    add("--gamma3", type=float, default=0.999, help="StableSPAM AdaClip momentum")
+    add("--total_T", type=int, default=20_000, help="StableSPAM cosine horizon (set to the update count)")
+    add("--eta", type=float, default=0.5, help="StableSPAM eta_min")
+    add("--density", type=float, default=1.0, help="SPAM density of the attn/mlp matrix group")
+
+    galore = p.add_argument_group("GaLore / Q-GaLore (parsed for old scripts; those optimizers are not supported)")
+    galore.add_argument("--rank", type=int, default=128)
+    galore.add_argument("--galore_scale", type=float, default=1.0)
+    galore.add_argument("--proj_type", type=str, default="std")
+    galore.add_argument("--proj_quant", action="store_true")
+    galore.add_argument("--proj_bits", type=int, default=8)
+    galore.add_argument("--proj_group_size", type=int, default=256)
+    galore.add_argument("--cos_threshold", type=float, default=1.0)
+    galore.add_argument("--gamma_proj", type=float, default=2.0)
+    galore.add_argument("--queue_size", type=int, default=5)
+
+    new = p.add_argument_group("new flags (not in the reference)")
+    new.add_argument("--dataset", type=str, default="c4", help="c4 (streamed), sample (built-in), or a path")
+    new.add_argument("--tokenizer", type=str, default=None,
+                     help="t5-base (default), builtin (default with --dataset sample), or a directory")
+    new.add_argument("--optimizer_variant", type=str, default="reference", choices=("reference", "corrected"),
+                     help="spam/stablespam: reproduce the research code, or fix its numerics bugs")
+    new.add_argument("--weight_format", type=str, default=None, choices=QUANT_FORMATS,
+                     help="quantize projection weights in this format (instead of --act_quant/--fp4)")
+    new.add_argument("--act_format", type=str, default=None, choices=QUANT_FORMATS,
+                     help="quantize projection inputs in this format (instead of --act_quant/--fp4)")
+    new.add_argument("--eval_tokens", type=parse_token_count, default=10_000_000,
+                     help="non-pad tokens per evaluation (the reference's fixed 10M)")
+    new.add_argument("--packing", action="store_true", help="pack documents into full sequences")
+    new.add_argument("--warmup_epoch", type=int, default=150, help="SPAM post-reset warm-up steps")
+    new.add_argument("--threshold", type=float, default=2000, help="SPAM spike threshold")
+    new.add_argument("--grad_accu_steps", type=int, default=20, help="SPAM steps after a reset without clipping")
+    new.add_argument("--cycle_length", type=int, default=None, help="cosine_restarts: updates per cycle")
+    new.add_argument("--restart_warmup_steps", type=int, default=None,
+                     help="cosine_restarts: warm-up after each restart (default --warmup_steps)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and validate the flags; resolve the defaults that depend on other flags."""
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    _resolve_defaults(args)
+    _validate(args)
+    return args
+
+
+def _resolve_defaults(args: argparse.Namespace) -> None:
+    args.optimizer = args.optimizer.lower()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    elif args.dtype.lower() in DTYPE_ALIASES:
+        args.dtype = DTYPE_ALIASES[args.dtype.lower()]
+    if args.tokenizer is None:
+        args.tokenizer = "builtin" if args.dataset == "sample" else "t5-base"
+    if args.act_bits is None:
+        args.act_bits = args.weight_bits
+    if args.act_group_size is None:
+        args.act_group_size = args.weight_group_size
+    if args.weight_group_size is None and args.weight_format in _REFERENCE_STYLE_FORMATS:
+        args.weight_group_size = REFERENCE_GROUP_SIZE
+    if args.act_group_size is None and args.act_format in _REFERENCE_STYLE_FORMATS:
+        args.act_group_size = REFERENCE_GROUP_SIZE
+    if args.act_topk is None:
+        args.act_topk = REFERENCE_ACT_TOPK if args.act_format in _REFERENCE_STYLE_FORMATS else 0
+    if args.restart_warmup_steps is None:
+        args.restart_warmup_steps = args.warmup_steps
+    if args.save_dir is None:
+        stamp = datetime.now().strftime("%Y-%m-%d-%H-%M-%S")
+        args.save_dir = str(Path("checkpoints") / f"{Path(args.model_config).stem}-{stamp}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    _require(args.dtype in DTYPE_ALIASES.values(),
+             f"--dtype {args.dtype}: unsupported (fp16 is not supported); use bfloat16, float32 or bf16_mixed")
+    for flag in ("lr", "batch_size", "num_training_steps", "max_length", "eval_every", "save_every",
+                 "update_proj_gap", "total_T", "eval_tokens"):
+        value = getattr(args, flag)
+        _require(value > 0, f"--{flag} {value}: must be positive")
+    for flag in ("total_batch_size", "gradient_accumulation", "max_train_tokens", "cycle_length",
+                 "weight_group_size", "act_group_size"):
+        value = getattr(args, flag)
+        _require(value is None or value > 0, f"--{flag} {value}: must be positive")
+    for flag in ("warmup_steps", "weight_decay", "grad_clipping", "workers", "act_topk", "restart_warmup_steps",
+                 "warmup_epoch", "threshold", "grad_accu_steps", "seed"):
+        value = getattr(args, flag)
+        _require(value >= 0, f"--{flag} {value}: must be >= 0")
+    _require(0.0 < args.min_lr_ratio <= 1.0, f"--min_lr_ratio {args.min_lr_ratio}: must be in (0, 1]")
+    _require(0.0 < args.density <= 1.0, f"--density {args.density}: must be in (0, 1]")
+    _require(args.resume_step is None or args.continue_from is not None,
+             "--resume_step needs --continue_from DIR (the directory holding model_<step>/)")
+    _require(args.optimizer != "", "--optimizer: empty name; use e.g. adamw or stablespam")
+    _require(not args.optimizer.startswith(UNSUPPORTED_OPTIMIZER_PREFIXES),
+             f"--optimizer {args.optimizer}: GaLore/Q-GaLore optimizers are not supported by this toolkit; "
+             "use stablespam, spam, adam, adamw, adafactor, lion or sgd")
+    legacy_quant = args.act_quant or args.fp4
+    explicit_quant = args.weight_format is not None or args.act_format is not None
+    _require(not (legacy_quant and explicit_quant),
+             "--weight_format/--act_format replace --act_quant/--fp4: pass one style, not both")
+    if args.scheduler == "cosine_restarts":
+        _require(args.cycle_length is not None,
+                 "--scheduler cosine_restarts needs --cycle_length N (updates per cosine cycle)")
+        _require(args.cycle_length > max(args.warmup_steps, args.restart_warmup_steps),
+                 f"--cycle_length {args.cycle_length}: must exceed --warmup_steps and --restart_warmup_steps")
+
+
+def resolve_batch_arithmetic(args: argparse.Namespace, world_size: int) -> None:
+    """Fill in total_batch_size / gradient_accumulation for this world size and the step budget.
+
+    The reference defaulted total_batch_size to batch_size*accumulation (ignoring the world size, so a
+    multi-GPU run without --total_batch_size failed its assert); here the default counts every process.
+    """
+    per_pass = args.batch_size * world_size
+    if args.total_batch_size is None:
+        args.gradient_accumulation = args.gradient_accumulation or 1
+        args.total_batch_size = per_pass * args.gradient_accumulation
+    _require(args.total_batch_size % per_pass == 0,
+             f"--total_batch_size {args.total_batch_size} is not a multiple of --batch_size {args.batch_size} x "
+             f"{world_size} process(es) = {per_pass}; change --total_batch_size or --batch_size")
+    accumulation = args.total_batch_size // per_pass
+    _require(args.gradient_accumulation in (None, accumulation),
+             f"--gradient_accumulation {args.gradient_accumulation} contradicts --total_batch_size "
+             f"{args.total_batch_size} / (--batch_size {args.batch_size} x {world_size}) = {accumulation}; "
+             "drop one of them")
+    args.gradient_accumulation = accumulation
+    if args.max_train_tokens is not None:
+        tokens_per_update = args.total_batch_size * args.max_length
+        args.num_training_steps = args.max_train_tokens // tokens_per_update
+        _require(args.num_training_steps > 0,
+                 f"--max_train_tokens {args.max_train_tokens} is less than one update "
+                 f"({tokens_per_update} tokens = total_batch_size x max_length); raise it")
+    _require(args.warmup_steps < args.num_training_steps or args.scheduler == "cosine_restarts",
+             f"--warmup_steps {args.warmup_steps} must be smaller than the {args.num_training_steps} updates; "
+             "lower --warmup_steps")

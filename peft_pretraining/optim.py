@@ -1,0 +1,54 @@
+"""The optimizer of a run: parameter groups and constructor arguments, looked up by name in the registry.
+
+Groups follow the reference: one flat group for every optimizer except SPAM, whose attn/mlp matrices form a
+second group carrying `density` and `update_proj_gap` (the momentum-reset period lives on that group).
+"""
+
+import argparse
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from galore_torch import get_optimizer_class
+
+
+def spam_param_groups(model: nn.Module, *, density: float, update_proj_gap: int) -> list[dict]:
+    """[{everything else}, {weights of nn.Linear modules named *attn*/*mlp*, density, update_proj_gap}]."""
+    matrices = [module.weight for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and ("attn" in name or "mlp" in name)
+                and module.weight.requires_grad]
+    matrix_ids = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in matrix_ids]
+    return [{"params": rest},
+            {"params": matrices, "density": density, "update_proj_gap": update_proj_gap}]
+
+
+# Per-optimizer constructor arguments beyond lr and weight_decay, keyed by registry name. Adam-type optimizers
+# keep their class defaults for betas/eps, as the reference did (--beta1 is SGD's momentum there).
+_EXTRA_ARGUMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {
+    "sgd": lambda args: {"momentum": args.beta1},
+    "stablespam": lambda args: {"gamma1": args.gamma1, "gamma2": args.gamma2, "gamma3": args.gamma3,
+                                "eta_min": args.eta, "update_proj_gap": args.update_proj_gap,
+                                "total_T": args.total_T},
+    "spam": lambda args: {"warmup_epoch": args.warmup_epoch, "threshold": args.threshold,
+                          "grad_accu_steps": args.grad_accu_steps},
+}
+
+
+def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """Construct `--optimizer` over the model's trainable parameters with the flags that apply to it."""
+    name = args.optimizer.lower()
+    optimizer_class = get_optimizer_class(name)
+    if name == "spam":
+        params = spam_param_groups(model, density=args.density, update_proj_gap=args.update_proj_gap)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    kwargs = {"lr": args.lr, "weight_decay": args.weight_decay, **_EXTRA_ARGUMENTS.get(name, lambda _: {})(args)}
+    if "variant" in inspect.signature(optimizer_class).parameters:
+        kwargs["variant"] = args.optimizer_variant
+    elif args.optimizer_variant != "reference":
+        raise ValueError(f"--optimizer_variant {args.optimizer_variant} applies to spam and stablespam only; "
+                         f"drop it for --optimizer {args.optimizer}")
+    return optimizer_class(params, **kwargs)

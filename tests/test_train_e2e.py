@@ -1,0 +1,232 @@
+"""End-to-end training runs on CPU with a tiny LLaMA on the built-in sample corpus, in-process through
+`peft_pretraining.run` (torchrun only for the two-process test)."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+import peft_pretraining
+
+REPO = Path(__file__).resolve().parents[1]
+UPDATE_KEYS = {"step", "loss", "lr", "tokens_seen", "throughput_tokens", "throughput_examples",
+               "throughput_batches", "grad_norm", "grad_norm_afterclip"}
+EVAL_KEYS = {"step", "eval_loss", "eval_ppl", "eval_tokens", "eval_loss_reference"}
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    """hidden 64, 2 layers, 4 heads; vocab 32000 to fit the built-in tokenizer."""
+    path = tmp_path_factory.mktemp("config") / "llama_tiny.json"
+    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "vocab_size": 32000, "max_sequence_length": 64,
+                                "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": 0.02,
+                                "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": -1, "model_type": "llama"}))
+    return path
+
+
+def run_argv(config: Path, save_dir: Path, *flags: str) -> list[str]:
+    return ["--model_config", str(config), "--dataset", "sample", "--batch_size", "2", "--max_length", "32",
+            "--lr", "1e-2", "--warmup_steps", "2", "--num_training_steps", "8", "--eval_tokens", "256",
+            "--workers", "0", "--unset_wandb", "--save_dir", str(save_dir), *flags]
+
+
+def read_metrics(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def update_losses(records: list[dict]) -> list[float]:
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def test_training_reduces_loss_and_records_everything(tiny_config, tmp_path):
+    save_dir = tmp_path / "run"
+    result = peft_pretraining.run(run_argv(tiny_config, save_dir, "--num_training_steps", "20", "--eval_every",
+                                           "10", "--save_every", "10"))
+    records = read_metrics(save_dir)
+    updates = [r for r in records if "loss" in r]
+    assert [r["step"] for r in updates] == list(range(1, 21))  # exactly N updates (the reference ran N+1)
+    assert all(set(r) == UPDATE_KEYS for r in updates)
+    losses = update_losses(records)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
+    assert updates[0]["lr"] == pytest.approx(0.5e-2)  # logged after the scheduler step: update 2's lr
+
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    assert set(evals[0]) == EVAL_KEYS
+    assert set(evals[1]) == EVAL_KEYS | {"final_eval_loss", "final_eval_tokens"}
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[1]["eval_loss_reference"] < evals[1]["eval_loss"]  # the n/(n+1) bias
+    assert result.final_metrics["final_eval_loss"] == evals[1]["eval_loss"]
+
+    run_config = json.loads((save_dir / "run_config.json").read_text())
+    assert run_config["max_lr"] == run_config["lr"] == 1e-2
+    assert run_config["total_params_M"] == 4.18 and run_config["world_size"] == 1
+    assert run_config["device"] == "cpu" and run_config["model"]["hidden_size"] == 64
+    run_env = json.loads((save_dir / "run_env.json").read_text())
+    assert run_env["versions"]["torch"] == torch.__version__ and "commit" in run_env["git"]
+
+    for step in (10, 20):
+        checkpoint = save_dir / f"model_{step}"
+        assert {"config.json", "model.safetensors", "optimizer.pt", "training_state.json"} <= \
+            {p.name for p in checkpoint.iterdir()}
+    state = json.loads((save_dir / "model_20" / "training_state.json").read_text())
+    assert (state["update_step"], state["global_step"]) == (20, 20) and state["tokens_seen"] > 0
+    reloaded = LlamaForCausalLM.from_pretrained(save_dir / "model_20")
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, result.model.state_dict()[name], rtol=0, atol=0)
+
+
+QUANT_AND_PRECISION = {
+    "int4_w_a": ["--act_quant", "--weight_bits", "4", "--weight_group_size", "64", "--act_group_size", "32",
+                 "--act_stochastic"],
+    "fp4_ref": ["--fp4"],
+    "mxfp4": ["--weight_format", "mxfp4", "--act_format", "mxfp4"],
+    "nvfp4": ["--weight_format", "nvfp4", "--act_format", "nvfp4"],
+    "pure_bf16_checkpointed": ["--dtype", "bfloat16", "--activation_checkpointing"],
+    "bf16_mixed_int4": ["--dtype", "bf16_mixed", "--act_quant", "--weight_bits", "4", "--weight_group_size", "64"],
+}
+
+
+@pytest.mark.parametrize("flags", QUANT_AND_PRECISION.values(), ids=QUANT_AND_PRECISION.keys())
+def test_quantized_and_low_precision_runs_learn(tiny_config, tmp_path, flags):
+    result = peft_pretraining.run(run_argv(tiny_config, tmp_path, *flags, "--num_training_steps", "6",
+                                           "--eval_tokens", "128"))
+    losses = update_losses(read_metrics(tmp_path))
+    assert len(losses) == 6 and losses[-1] < losses[0] - 0.3
+    assert result.final_metrics["eval_loss"] < losses[0]
+
+
+OPTIMIZER_RUNS = {
+    "stablespam": ["--optimizer", "stablespam", "--gamma1", "0.7", "--gamma2", "0.9", "--update_proj_gap", "4",
+                   "--total_T", "8"],
+    "spam": ["--optimizer", "spam", "--update_proj_gap", "4", "--density", "0.5", "--warmup_epoch", "2",
+             "--grad_accu_steps", "2"],
+    "lion": ["--optimizer", "lion", "--lr", "3e-3"],
+    "adam_gradclip": ["--optimizer", "adam", "--grad_clipping", "0.1"],
+    "adamw_linear_packed": ["--optimizer", "adamw", "--weight_decay", "0.1", "--scheduler", "linear", "--packing"],
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_RUNS)
+def test_optimizers_train(tiny_config, tmp_path, name):
+    peft_pretraining.run(run_argv(tiny_config, tmp_path, *OPTIMIZER_RUNS[name], "--eval_tokens", "128"))
+    updates = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert updates[-1]["loss"] < updates[0]["loss"] - 0.3
+    if name == "adam_gradclip":
+        assert all(r["grad_norm_afterclip"] == pytest.approx(min(r["grad_norm"], 0.1), rel=1e-5) for r in updates)
+
+
+def test_resume_continues_like_an_uninterrupted_run(tiny_config, tmp_path):
+    full = peft_pretraining.run(run_argv(tiny_config, tmp_path / "full", "--num_training_steps", "6",
+                                         "--save_every", "3", "--eval_tokens", "64"))
+    resumed = peft_pretraining.run(run_argv(tiny_config, tmp_path / "resumed", "--num_training_steps", "6",
+                                            "--eval_tokens", "64", "--continue_from", str(tmp_path / "full"),
+                                            "--resume_step", "3", "--restore_optimizer"))
+    assert resumed.state.update_step == 6 and resumed.state.global_step == 6
+    assert [r["step"] for r in read_metrics(tmp_path / "resumed") if "loss" in r] == [4, 5, 6]
+    for name, tensor in full.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_missing_checkpoint_is_a_usage_error(tiny_config, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = peft_pretraining.main(run_argv(tiny_config, tmp_path / "run", "--continue_from", str(tmp_path / "empty")))
+    assert code == 2 and "--continue_from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--optimizer", "adamx"], "unknown optimizer 'adamx'"),
+    (["--dataset", "no_such_corpus"], "--dataset no_such_corpus"),
+    (["--total_batch_size", "3"], "--total_batch_size 3"),
+    (["--weight_format", "mxfp4", "--weight_group_size", "64"], "--weight_format mxfp4"),
+    (["--optimizer_variant", "corrected"], "--optimizer_variant"),
+    (["--max_length", "128"], "--max_length 128"),
+])
+def test_bad_inputs_exit_2_with_one_line(tiny_config, tmp_path, capsys, flags, flag):
+    assert peft_pretraining.main(run_argv(tiny_config, tmp_path / "run", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("main_pretrain.py: error:") and flag in err
+
+
+def test_bad_config_files_exit_2(tmp_path, capsys):
+    malformed = tmp_path / "bad.json"
+    malformed.write_text("{not json")
+    for config in (tmp_path / "missing.json", malformed):
+        assert peft_pretraining.main(run_argv(config, tmp_path / "run")) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"--model_config {config}" in err
+
+
+def test_entry_point_script_exits_2_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "main_pretrain.py"), "--model_config", "configs/llama_9m.json",
+                           "--batch_size", "2", "--optimizer", "galore_adamw"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "--optimizer galore_adamw" in done.stderr
+
+
+# ------------------------------------------------------------------------------ two processes (torchrun, gloo)
+
+RANK_SCRIPT = """
+import os, sys, torch, peft_pretraining
+result = peft_pretraining.run(sys.argv[2:])
+torch.save(result.model.state_dict(), os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.pt"))
+"""
+
+
+def write_long_documents(directory: Path) -> Path:
+    """Documents longer than max_length, so every sequence is full and per-rank means weigh equally."""
+    words = "alpha beta gamma delta stone river light green house music paper window garden cloud".split()
+    rng = random.Random(0)
+    directory.mkdir()
+    for name, count in (("train.jsonl", 48), ("validation.jsonl", 8)):
+        lines = [json.dumps({"text": " ".join(rng.choice(words) for _ in range(120))}) for _ in range(count)]
+        (directory / name).write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def run_process_group(command: list[str], timeout: float = 180) -> tuple[int, str]:
+    """Run torchrun in its own session so a hang kills the ranks too, not only the launcher."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, stderr
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tiny_config, tmp_path):
+    """Rank r of 2 reads documents r, r+2, ... of the same shuffled stream, so an update of 2 ranks x 2
+    micro-batches of 1 (DDP, no_sync on the first) sees the 1 x 4 run's batch; with full sequences every
+    micro-batch mean weighs the same, so the averaged gradient equals the 1-process mean."""
+    dataset = write_long_documents(tmp_path / "docs")
+    common = ["--dataset", str(dataset), "--tokenizer", "builtin", "--optimizer", "sgd", "--lr", "0.5",
+              "--num_training_steps", "3", "--warmup_steps", "0", "--total_batch_size", "4", "--eval_tokens", "64"]
+    script = tmp_path / "rank_run.py"
+    script.write_text(RANK_SCRIPT)
+    ddp_argv = run_argv(tiny_config, tmp_path / "ddp", *common, "--batch_size", "1")  # 2 micro-batches per update
+    returncode, stderr = run_process_group([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                            "--nproc_per_node", "2", str(script), str(tmp_path), *ddp_argv])
+    assert returncode == 0, stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt")
+    rank1 = torch.load(tmp_path / "rank1.pt")
+    single = peft_pretraining.run(run_argv(tiny_config, tmp_path / "single", *common, "--batch_size", "4"))
+    run_config = json.loads((tmp_path / "ddp" / "run_config.json").read_text())
+    assert (run_config["world_size"], run_config["gradient_accumulation"]) == (2, 2)
+    for name, tensor in single.model.state_dict().items():
+        assert torch.equal(rank0[name], rank1[name]), name
+        torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-6)
+    updates = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
+    assert len(updates) == 3 and all(r["grad_norm"] > 0 and r["lr"] > 0 for r in updates)
