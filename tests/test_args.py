@@ -34,8 +34,10 @@ EMBEDDED_SEED_COMMANDS = [
 
 def seed_commands() -> list[list[str]]:
     """The flags after `main_pretrain.py` of each torchrun command in the seed README (or the copy above)."""
-    text = SEED_README.read_text() if SEED_README.is_file() else "\n".join(EMBEDDED_SEED_COMMANDS)
-    commands = re.findall(r"torchrun .*?main_pretrain\.py(.*?)(?:```|$)", text.replace("\\\n", " "), re.S)
+    if not SEED_README.is_file():
+        return [shlex.split(command.split("main_pretrain.py")[1]) for command in EMBEDDED_SEED_COMMANDS]
+    text = SEED_README.read_text().replace("\\\n", " ")
+    commands = re.findall(r"torchrun .*?main_pretrain\.py(.*?)(?:```|$)", text, re.S)
     return [shlex.split(command) for command in commands]
 
 
