@@ -151,6 +151,17 @@ def test_matches_plain_per_param_implementation(variant, dtype, rtol, atol):
     assert_same_run(fast, fast_params, plain, plain_params, rtol, atol)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_bf16_matches_plain_implementation_to_bf16_round_off(variant):
+    """The plain implementation rounds to bf16 after every operation, as the original does."""
+    fast, fast_params, plain, plain_params = run_both(torch.bfloat16, variant, steps=30)
+    ulp = 2.0**-7
+    for p, q in zip(fast_params, plain_params):
+        torch.testing.assert_close(p, q, rtol=ulp, atol=ulp)
+        for key in ("m_max", "m_norm", "v_norm"):
+            torch.testing.assert_close(fast.state[p][key], plain.state[q][key], rtol=ulp, atol=0.0)
+
+
 def test_compiled_matches_plain_and_does_not_recompile_every_step():
     torch._dynamo.reset()
     stats = torch._dynamo.utils.counters["stats"]
@@ -165,6 +176,26 @@ def test_compiled_matches_plain_and_does_not_recompile_every_step():
         set_grads(fast_params, t, generator)
         fast.step()
     assert stats["unique_graphs"] - graphs_before == 3
+
+
+def test_compiled_bf16_rounds_like_eager():
+    """The compiled core keeps the bf16 roundings of the moving averages (inductor drops them by default)."""
+    torch.manual_seed(0)
+    eager_model = torch.nn.Linear(16, 8).to(torch.bfloat16)
+    compiled_model = copy.deepcopy(eager_model)
+    hyper = {"lr": 1e-2, "weight_decay": 0.1, "update_proj_gap": 0}
+    eager = StableSPAM(eager_model.parameters(), **hyper)
+    compiled = StableSPAM(compiled_model.parameters(), compile=True, **hyper)
+    inputs = torch.randn(32, 16, dtype=torch.bfloat16)
+    for _ in range(6):
+        for model, opt in ((eager_model, eager), (compiled_model, compiled)):
+            opt.zero_grad()
+            model(inputs).float().pow(2).mean().backward()
+            opt.step()
+    for p, q in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "m_max", "m_norm", "v_norm"):
+            assert torch.equal(eager.state[p][key], compiled.state[q][key]), key
 
 
 def hand_run(variant):
@@ -424,6 +455,41 @@ def test_bf16_params(fp32_state):
         for key in ("exp_avg", "exp_avg_sq", "m_max", "m_norm", "v_norm", "clip_threshold", "norm_scale"):
             assert resumed.state[p][key].dtype == state_dtype, key
             assert torch.equal(resumed.state[p][key], opt.state[p][key])
+
+
+def constant_gradient_state(fp32_state, steps, **kwargs):
+    """State of a one-entry bf16 param after `steps` steps of gradient 1 (lr 0, no reset)."""
+    p = torch.zeros(1, dtype=torch.bfloat16)
+    opt = StableSPAM([p], lr=0.0, update_proj_gap=0, fp32_state=fp32_state, **kwargs)
+    for _ in range(steps):
+        p.grad = torch.ones(1, dtype=torch.bfloat16)
+        opt.step()
+    return p, opt
+
+
+@pytest.mark.parametrize("fp32_state", [False, True])
+def test_bf16_moving_averages_stall_where_the_original_stalls(fp32_state):
+    """Spec a.5.9: in bf16 the EMA of a constant 1 stalls at 0.5 (theta 0.999, and Adam's v with beta2 0.999;
+    the normalised gradient is 1 here) and at 2^-8 (gamma2 0.99999), and v never decays afterwards;
+    with fp32_state they follow 1 - rate^t."""
+    _, norm_opt = constant_gradient_state(fp32_state, 1200, gamma2=0.99999)
+    p, opt = constant_gradient_state(fp32_state, 1200, gamma3=0.999)
+    state = opt.state[p]
+    v_norm = norm_opt.state[next(iter(norm_opt.state))]["v_norm"].item()
+    if fp32_state:
+        assert state["m_max"].item() == pytest.approx(1 - 0.999**1200, rel=1e-4)
+        assert state["exp_avg_sq"].item() == pytest.approx(1 - 0.999**1200, rel=1e-4)
+        assert v_norm == pytest.approx(1 - 0.99999**1200, rel=1e-3)
+    else:
+        assert state["m_max"].item() == 0.5
+        assert state["exp_avg_sq"].item() == 0.5
+        assert v_norm == 2.0**-8
+    second_moment = state["exp_avg_sq"].item()
+    for _ in range(100):
+        p.grad = torch.zeros(1, dtype=torch.bfloat16)
+        opt.step()
+    expected = second_moment * 0.999**100 if fp32_state else 0.5
+    assert state["exp_avg_sq"].item() == pytest.approx(expected, rel=1e-3)
 
 
 def test_sparse_gradients_are_refused():
