@@ -47,3 +47,10 @@ def validate_closed_unit_interval(value: float, name: str) -> None:
     """Fractions that may reach both ends: 0 <= value <= 1."""
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"invalid {name}: {value!r} (must be in [0, 1])")
+
+
+def reject_sparse_grad(optimizer_name: str, grad, param_index: int, group_index: int) -> None:
+    """These optimizers need dense gradients (per-tensor norms, masks, where); say which param has a sparse one."""
+    if grad.is_sparse:
+        raise ValueError(f"{optimizer_name} does not support sparse gradients (param {param_index} of param "
+                         f"group {group_index}); use dense ones, e.g. nn.Embedding(sparse=False)")

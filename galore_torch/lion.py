@@ -5,7 +5,7 @@ from typing import Any
 
 import torch
 
-from galore_torch.base import validate_betas, validate_non_negative
+from galore_torch.base import reject_sparse_grad, validate_betas, validate_non_negative
 
 
 def lion_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], *,
@@ -60,9 +60,7 @@ class Lion(torch.optim.Optimizer):
             for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise ValueError(f"Lion does not support sparse gradients (param {param_index} of param "
-                                     f"group {group_index}); use dense ones, e.g. nn.Embedding(sparse=False)")
+                reject_sparse_grad("Lion", p.grad, param_index, group_index)
                 state = self.state[p]
                 if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

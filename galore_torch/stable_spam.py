@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import torch
 
 from galore_torch.base import (
+    reject_sparse_grad,
     validate_betas,
     validate_closed_unit_interval,
     validate_non_negative,
@@ -389,9 +390,7 @@ class StableSPAM(torch.optim.Optimizer):
         for param_index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise ValueError(f"StableSPAM does not support sparse gradients (param {param_index} of param "
-                                 f"group {group_index}); use dense ones, e.g. nn.Embedding(sparse=False)")
+            reject_sparse_grad("StableSPAM", p.grad, param_index, group_index)
             state = self.state[p]
             if "exp_avg" not in state:
                 self._init_state(state, p, group["amsgrad"])
