@@ -54,3 +54,12 @@ def reject_sparse_grad(optimizer_name: str, grad, param_index: int, group_index:
     if grad.is_sparse:
         raise ValueError(f"{optimizer_name} does not support sparse gradients (param {param_index} of param "
                          f"group {group_index}); use dense ones, e.g. nn.Embedding(sparse=False)")
+
+
+def validate_group_hyperparameters(group: dict, index: int) -> None:
+    """lr, betas, eps and weight_decay of one param group (those it has, defaults merged in), named by group."""
+    checks = {"lr": validate_non_negative, "betas": validate_betas, "eps": validate_non_negative,
+              "weight_decay": validate_non_negative}
+    for key, check in checks.items():
+        if key in group:
+            check(group[key], f"param group {index} {key}")

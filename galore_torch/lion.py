@@ -5,7 +5,12 @@ from typing import Any
 
 import torch
 
-from galore_torch.base import reject_sparse_grad, validate_betas, validate_non_negative
+from galore_torch.base import (
+    reject_sparse_grad,
+    validate_betas,
+    validate_group_hyperparameters,
+    validate_non_negative,
+)
 
 
 def lion_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], *,
@@ -47,6 +52,11 @@ class Lion(torch.optim.Optimizer):
         validate_betas(betas)
         validate_non_negative(weight_decay, "weight_decay")
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Validate the group's own lr, betas and weight_decay, then add it."""
+        validate_group_hyperparameters({**self.defaults, **param_group}, len(self.param_groups))
+        super().add_param_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

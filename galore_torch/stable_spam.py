@@ -18,6 +18,7 @@ from galore_torch.base import (
     reject_sparse_grad,
     validate_betas,
     validate_closed_unit_interval,
+    validate_group_hyperparameters,
     validate_non_negative,
     validate_non_negative_int,
     validate_positive_int,
@@ -259,9 +260,10 @@ class StableSPAM(torch.optim.Optimizer):
     State per param: `step` (Adam's count, reset to 1 at a reset), `stat_step` (corrected only), `exp_avg`,
     `exp_avg_sq`, `max_exp_avg_sq` (amsgrad), the EMAs `m_max` (max|g|), `m_norm` (norm) and `v_norm`
     (squared norm), and for monitoring the latest `clip_threshold` (T) and `norm_scale` (c), 0-dim tensors.
-    The arithmetic runs in float32 (float64 for float64 params); results are stored in the param dtype, as in
-    the original, where bf16's slow EMAs stall (spec a.5.9), or in float32 with `fp32_state=True`. For bf16
-    that rounds once per stored value, where the original rounds after every operation.
+    The arithmetic runs in float32 (float64 for float64 params); state is stored in the param dtype, as in
+    the original, or in float32 with `fp32_state=True`. With bf16 state the moving averages and the params
+    are rounded to bf16 where the original's operations round them, so they stall where the original's do
+    (spec a.5.9); the clipped and normalised gradient stays float32 (a round-off difference).
 
     Args:
         params: parameters or param groups (the original trains one group with every parameter).
@@ -372,12 +374,7 @@ class StableSPAM(torch.optim.Optimizer):
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group's own lr, betas, eps and weight_decay, then add it."""
-        index = len(self.param_groups)
-        merged = {**self.defaults, **param_group}
-        validate_non_negative(merged["lr"], f"param group {index} lr")
-        validate_betas(merged["betas"], f"param group {index} betas")
-        validate_non_negative(merged["eps"], f"param group {index} eps")
-        validate_non_negative(merged["weight_decay"], f"param group {index} weight_decay")
+        validate_group_hyperparameters({**self.defaults, **param_group}, len(self.param_groups))
         super().add_param_group(param_group)
 
     def _advance_counters(self, group_index: int, group: dict[str, Any],

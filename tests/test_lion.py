@@ -118,6 +118,13 @@ def test_invalid_arguments_name_the_argument(kwargs, name):
         Lion([torch.zeros(2, requires_grad=True)], **kwargs)
 
 
+def test_invalid_param_group_values_name_the_group():
+    groups = [{"params": [torch.zeros(2, requires_grad=True)]},
+              {"params": [torch.zeros(2, requires_grad=True)], "lr": -1.0}]
+    with pytest.raises(ValueError, match="param group 1 lr"):
+        Lion(groups)
+
+
 def test_loss_decreases_on_a_tiny_regression():
     torch.manual_seed(0)
     inputs = torch.randn(64, 8)
