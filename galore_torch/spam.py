@@ -15,6 +15,7 @@ import torch
 from galore_torch.base import (
     reject_sparse_grad,
     validate_betas,
+    validate_group_hyperparameters,
     validate_density,
     validate_non_negative,
     validate_non_negative_int,
@@ -251,10 +252,7 @@ class SPAM(torch.optim.Optimizer):
         """Validate the group, add it, and draw the masks of its 2-D params if it is a density group."""
         index = len(self.param_groups)
         merged = {**self.defaults, **param_group}
-        validate_non_negative(merged["lr"], f"param group {index} lr")
-        validate_betas(merged["betas"], f"param group {index} betas")
-        validate_non_negative(merged["eps"], f"param group {index} eps")
-        validate_non_negative(merged["weight_decay"], f"param group {index} weight_decay")
+        validate_group_hyperparameters(merged, index)
         if ("density" in param_group) != ("update_proj_gap" in param_group):
             raise ValueError(f"param group {index}: density and update_proj_gap go together (sparse momentum "
                              f"needs both, e.g. {{'density': 1.0, 'update_proj_gap': 500}})")
