@@ -3,11 +3,13 @@
 #
 # Grid: Adam, Adam+GradClip, SPAM, StableSPAM (reference and corrected) x full precision (fp32), INT4 and
 # FP4 simulation x 3 seeds, plus a learning-rate sweep of Adam and StableSPAM in INT4 (seed 0). LLaMA-9M,
-# 16 packed sequences of 128 tokens per update, STEPS updates (default 120, ~2k tokens per update). About two
-# hours on a 2-core CPU with PARALLEL=2 (one thread per run).
+# 16 packed sequences of SEQ_LEN tokens per update (default 64), STEPS updates (default 100): about 100k
+# training tokens per run. About 1.5-2 hours on a 2-core CPU shared with other work, PARALLEL=2 (one
+# thread per run).
 #
 # Resumable: a run whose metrics.jsonl holds `final_eval_loss` is skipped; an unfinished run directory is
-# removed and the run starts again (runs are short). Checkpoints are deleted when a run finishes to keep
+# removed and the run starts again (runs are short). Run names do not encode STEPS/SEQ_LEN: use another
+# MINI_PAPER_DIR when you change them. Checkpoints are deleted when a run finishes to keep
 # the disk small; metrics.jsonl and run_config.json stay.
 #
 #   bash scripts/mini_paper.sh                  # everything, then the table and the figures
@@ -23,7 +25,8 @@ OUT=${MINI_PAPER_DIR:-$ROOT/docs/mini_paper}
 RUNS=$OUT/runs
 PYTHON=${PYTHON:-python}
 PARALLEL=${PARALLEL:-2}
-STEPS=${STEPS:-120}
+STEPS=${STEPS:-100}
+SEQ_LEN=${SEQ_LEN:-64}
 SEEDS=${SEEDS:-"0 1 2"}
 BASE_LR=${BASE_LR:-3e-3}
 SWEEP_LRS=${SWEEP_LRS:-"1e-3 1e-2 3e-2"}
@@ -32,7 +35,7 @@ FORMATS="fp32 int4 fp4"
 WARMUP=$((STEPS / 10))
 
 COMMON=(--model_config "$ROOT/configs/llama_9m.json" --dataset sample --batch_size 16 --total_batch_size 16
-        --max_length 128 --packing --dtype float32 --scheduler cosine --min_lr_ratio 0.1
+        --max_length "$SEQ_LEN" --packing --dtype float32 --scheduler cosine --min_lr_ratio 0.1
         --warmup_steps "$WARMUP" --num_training_steps "$STEPS" --eval_every $((STEPS / 3))
         --save_every 1000000 --eval_tokens 1000000 --workers 0 --unset_wandb)
 
