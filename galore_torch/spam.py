@@ -11,6 +11,7 @@ from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from galore_torch.base import (
     reject_sparse_grad,
@@ -21,6 +22,7 @@ from galore_torch.base import (
     validate_non_negative_int,
     validate_variant,
 )
+from galore_torch.sharded import all_reduce_stacked, local, shard_group, shard_like
 
 # The post-reset warm-up starts at 1 - WARMUP_PEAK (0.01) and ramps to 1 along a half cosine.
 WARMUP_PEAK = 0.99
@@ -166,6 +168,10 @@ class SPAM(torch.optim.Optimizer):
     only, a 0-dim float32 tensor on the first param's device; None before the first step) in `last_grad_norm`.
     The step counters live in `param_groups[0]`, so `state_dict()` round-trips them.
 
+    Sharded params (FSDP2's DTensors) are updated shard by shard (the update is entry-wise); masks are drawn
+    for the whole shape on every rank, which keeps its slice, so they equal the unsharded run's when the ranks'
+    RNGs are seeded alike (as DDP needs too). `last_grad_norm` is over whole tensors: one all_reduce per step.
+
     Args:
         params: parameters or param groups; a group with `density` must also have `update_proj_gap`.
         lr: learning rate.
@@ -261,10 +267,21 @@ class SPAM(torch.optim.Optimizer):
             validate_non_negative_int(param_group["update_proj_gap"], f"param group {index} update_proj_gap")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
+        for p in group["params"]:
+            self._init_moments(p)
         if "density" in group:
             for p in group["params"]:
                 if p.dim() == 2:
-                    self.state[p]["mask"] = exact_count_mask(p.shape, group["density"]).to(p.device)
+                    self.state[p]["mask"] = shard_like(exact_count_mask(p.shape, group["density"]).to(p.device), p)
+
+    def _init_moments(self, p: torch.Tensor) -> None:
+        """Zero moments and step count. Made at construction, not at the first step: the state is then
+        complete from the start, as torch.distributed.checkpoint's loader needs (it only fills in the state
+        of an optimizer with none, and the masks are there from construction)."""
+        state = self.state[p]
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
 
     @property
     def total_step(self) -> int:
@@ -285,9 +302,9 @@ class SPAM(torch.optim.Optimizer):
                 loss = closure()
         n = self.total_step + 1
         scale = warmup_scale(self.current_step, self.warmup_epoch)
-        buckets, rules = self._prepare_buckets(n, scale)
+        buckets, rules, shard_groups = self._prepare_buckets(n, scale)
         squared_norms = self._core(buckets, rules) if buckets else []
-        self._record_grad_norm(squared_norms)
+        self._record_grad_norm(squared_norms, shard_groups)
 
         self.param_groups[0]["total_step"] += 1
         self.param_groups[0]["current_step"] += 1
@@ -305,8 +322,10 @@ class SPAM(torch.optim.Optimizer):
         gaps = [group["update_proj_gap"] for group in self.param_groups if "density" in group]
         return gaps[-1] if gaps else None
 
-    def _prepare_buckets(self, n: int, scale: float) -> tuple[list[Bucket], list[BucketRule]]:
-        """Host side of step n: per-param counters, moment resets, gates, and the buckets for the core.
+    def _prepare_buckets(self, n: int, scale: float) -> tuple[list[Bucket], list[BucketRule], list]:
+        """Host side of step n: per-param counters, moment resets, gates, and the buckets for the core, with
+        the process group each bucket is sharded over (None for whole tensors). Sharded params (DTensors)
+        enter as their local shards: SPAM's update is entry-wise, so shards need no communication.
 
         The period in force while visiting a group is that of the last density group visited before it, as in
         the original; groups before the first density group use the previous step's (none at step 1).
@@ -327,23 +346,21 @@ class SPAM(torch.optim.Optimizer):
                     continue
                 reject_sparse_grad("SPAM", p.grad, param_index, group_index)
                 state = self.state[p]
-                if "exp_avg" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p),
-                                                        memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+                if "exp_avg" not in state:  # a param whose state a loaded state_dict lacked
+                    self._init_moments(p)
                 if reset:
                     to_reset += [state["exp_avg"], state["exp_avg_sq"]]
                 state["step"] += 1
                 masked = "mask" in state and group["density"] < 1.0
-                key = (group_index, masked, "mask" in state, p.device, p.dtype, state["step"],
+                key = (group_index, masked, "mask" in state, p.device, p.dtype, state["step"], shard_group(p),
                        None if self.foreach else param_index)
                 members.setdefault(key, []).append((p, state))
         if to_reset:
             torch._foreach_zero_(to_reset)
 
-        buckets, rules = [], []
-        for (group_index, masked, is_density_param, device, dtype, step, _), entries in members.items():
+        buckets, rules, shard_groups = [], [], []
+        for (group_index, masked, is_density_param, device, dtype, step, process_group, _), entries in \
+                members.items():
             group = self.param_groups[group_index]
             rule = self._bucket_rule(group, group_clips[group_index], masked, is_density_param)
             # Step-dependent scalars travel as a tensor (a compiled core does not recompile when they change);
@@ -351,15 +368,16 @@ class SPAM(torch.optim.Optimizer):
             scalars = torch.tensor([self._step_size(group, step) * scale, group["lr"] * group["weight_decay"]],
                                    dtype=torch.promote_types(dtype, torch.float32)).to(device, non_blocking=True)
             buckets.append(Bucket(
-                params=[p for p, _ in entries],
-                grads=[p.grad for p, _ in entries],
-                exp_avgs=[state["exp_avg"] for _, state in entries],
-                exp_avg_sqs=[state["exp_avg_sq"] for _, state in entries],
-                masks=[self._core_mask(p, state["mask"]) for p, state in entries] if masked else None,
+                params=[local(p) for p, _ in entries],
+                grads=[local(p.grad) for p, _ in entries],
+                exp_avgs=[local(state["exp_avg"]) for _, state in entries],
+                exp_avg_sqs=[local(state["exp_avg_sq"]) for _, state in entries],
+                masks=[self._core_mask(p, local(state["mask"])) for p, state in entries] if masked else None,
                 scalars=scalars,
             ))
             rules.append(rule)
-        return buckets, rules
+            shard_groups.append(process_group)
+        return buckets, rules, shard_groups
 
     def _core_mask(self, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The mask as the core reads it: the bool mask itself, or for a compiled core a cached bfloat16 copy
@@ -391,12 +409,24 @@ class SPAM(torch.optim.Optimizer):
             step_size *= math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
         return step_size
 
-    def _record_grad_norm(self, squared_norms: list[torch.Tensor]) -> None:
+    def _record_grad_norm(self, squared_norms: list[torch.Tensor], shard_groups: list) -> None:
+        """The norm over whole tensors: the shards' squared norms are summed across ranks in one collective."""
         device = next(p for group in self.param_groups for p in group["params"]).device
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        for squared_norm in squared_norms:
-            total = total + squared_norm.to(device)
-        self.last_grad_norm = total.sqrt()
+        whole = torch.zeros((), dtype=torch.float32, device=device)
+        sharded = torch.zeros((), dtype=torch.float32, device=device)
+        for squared_norm, process_group in zip(squared_norms, shard_groups):
+            if process_group is None:
+                whole = whole + squared_norm.to(device)
+            else:
+                sharded = sharded + squared_norm.to(device)
+        groups = set(shard_groups) - {None}
+        if len(groups) > 1:
+            raise ValueError("SPAM params are sharded over different process groups; shard them all over one "
+                             "device mesh (one fully_shard mesh for the whole model)")
+        if groups:
+            (sharded,) = all_reduce_stacked([sharded], dist.ReduceOp.SUM, groups.pop())
+            whole = whole + sharded
+        self.last_grad_norm = whole.sqrt()
 
     def _refresh_masks(self) -> None:
         """New Bernoulli masks for every density param (group order); moments keep the entries in both masks."""
@@ -407,7 +437,8 @@ class SPAM(torch.optim.Optimizer):
                 state = self.state[p]
                 if "mask" not in state:
                     continue
-                new_mask = torch.rand(p.shape, device=p.device) < group["density"]
+                # drawn whole on every rank (identically seeded RNGs), each rank keeping its shard
+                new_mask = shard_like(torch.rand(p.shape, device=p.device) < group["density"], p)
                 state["mask"] = new_mask
                 for key in ("exp_avg", "exp_avg_sq"):
                     if key in state:
@@ -415,7 +446,8 @@ class SPAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then undo torch's cast of every state tensor to the param dtype: masks stay bool and
-        fp32 moments stay float32. Copies the tensors so the loaded dict is never aliased."""
+        fp32 moments stay float32. Copies the tensors so the loaded dict is never aliased. Whole-shape state
+        of sharded params (a gathered checkpoint) is cut to this rank's shard."""
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)
@@ -425,7 +457,7 @@ class SPAM(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if "mask" in saved:
-                state["mask"] = saved["mask"].to(device=p.device, dtype=torch.bool, copy=True)
+                state["mask"] = shard_like(saved["mask"].to(device=p.device, dtype=torch.bool, copy=True), p)
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
-                    state[key] = saved[key].to(device=p.device, dtype=self._state_dtype(p), copy=True)
+                    state[key] = shard_like(saved[key].to(device=p.device, dtype=self._state_dtype(p), copy=True), p)

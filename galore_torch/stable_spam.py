@@ -13,6 +13,7 @@ from itertools import chain
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from galore_torch.base import (
     reject_sparse_grad,
@@ -25,6 +26,7 @@ from galore_torch.base import (
     validate_unit_interval,
     validate_variant,
 )
+from galore_torch.sharded import all_reduce_stacked, local, shard_group, shard_like
 
 Tensors = list[torch.Tensor]
 # (param, its state, the AdaClip/AdaGN step count of this step)
@@ -75,6 +77,7 @@ class BucketRule(NamedTuple):
     decay: bool  # weight decay on
     reset_before: bool  # zero all moments (amsgrad's maximum included) before they are used
     reset_after: bool  # zero the two Adam moments after the update (the original's delayed reset)
+    sharded: bool  # the tensors are local shards (FSDP2): per-tensor statistics are reduced across ranks
 
 
 class Bucket(NamedTuple):
@@ -101,22 +104,81 @@ def update_bucket(bucket: Bucket, rule: BucketRule) -> tuple[Tensors, Tensors]:
     operations did, the products of every moving average included: that is what makes bf16 EMAs stall where
     the original's did (spec a.5.9). Reads `grads` without writing them.
     """
+    grads = _compute_dtype_grads(bucket)
+    clipped = _adaclip(bucket, rule, grads, [_abs_max(grad) for grad in grads])
+    del grads
+    return _adagn_and_adam(bucket, rule, clipped, [_norm(grad) for grad in clipped.gradients])
+
+
+def update_buckets(buckets: list[Bucket], rules: list[BucketRule],
+                   shard_group: dist.ProcessGroup | None = None) -> list[tuple[Tensors, Tensors]]:
+    """The functional core of one step (the unit that gets compiled): `update_bucket` over every bucket.
+
+    Buckets of shards (`rule.sharded`, FSDP2) need max |g| and the clipped norm of whole tensors: then all
+    buckets go through the phases together, every shard's partial maximum reduced across `shard_group` in
+    one all_reduce(MAX) and every partial squared norm in one all_reduce(SUM): two collectives per step,
+    whatever the number of tensors.
+    """
+    if not any(rule.sharded for rule in rules):
+        return [update_bucket(bucket, rule) for bucket, rule in zip(buckets, rules)]
+    grads = [_compute_dtype_grads(bucket) for bucket in buckets]
+    maxima = [[_shard_abs_max(grad) if rule.sharded else _abs_max(grad) for grad in bucket_grads]
+              for bucket_grads, rule in zip(grads, rules)]
+    maxima = _reduce_sharded(maxima, rules, dist.ReduceOp.MAX, shard_group)
+    clipped = [_adaclip(bucket, rule, bucket_grads, bucket_maxima)
+               for bucket, rule, bucket_grads, bucket_maxima in zip(buckets, rules, grads, maxima)]
+    del grads
+    squares = [[_sum_of_squares(grad) if rule.sharded else _norm(grad) for grad in bucket_clipped.gradients]
+               for bucket_clipped, rule in zip(clipped, rules)]
+    squares = _reduce_sharded(squares, rules, dist.ReduceOp.SUM, shard_group)
+    norms = [torch._foreach_sqrt(bucket_squares) if rule.sharded else bucket_squares
+             for bucket_squares, rule in zip(squares, rules)]
+    results = []
+    for bucket, rule, bucket_norms in zip(buckets, rules, norms):
+        # popped, so each bucket's clipped gradients are freed once its update is done
+        results.append(_adagn_and_adam(bucket, rule, clipped.pop(0), bucket_norms))
+    return results
+
+
+class _Clipped(NamedTuple):
+    """A bucket after AdaClip: the step's numbers, the updated max |g| EMAs, thresholds and clipped gradients."""
+
+    coefficients: Coefficients
+    m_maxes: Tensors
+    thresholds: Tensors
+    gradients: Tensors
+
+
+def _compute_dtype_grads(bucket: Bucket) -> Tensors:
+    """The bucket's gradients in the compute dtype (the gradients themselves when they have it)."""
+    return [grad.to(bucket.coefficients.dtype) for grad in bucket.grads]
+
+
+def _adaclip(bucket: Bucket, rule: BucketRule, grads: Tensors, maxima: Tensors) -> _Clipped:
+    """AdaClip: EMA of the unclipped max |g| (`maxima`, of whole tensors); entries above its bias-corrected
+    value T are multiplied by T / max, so the largest lands on T and smaller spikes proportionally below."""
     dtype = bucket.coefficients.dtype
     rounded = _state_rounding(bucket.exp_avgs[0].dtype, dtype)
     k = Coefficients(*(list(row.unbind(0)) for row in bucket.coefficients))
-    grads = [grad.to(dtype) for grad in bucket.grads]
-
-    # AdaClip: EMA of the unclipped max |g|; entries above its bias-corrected value T are multiplied by
-    # T / max, so the largest lands on T and smaller spikes proportionally below.
-    maxima = [_abs_max(grad) for grad in grads]
     m_maxes = _moving_average(_working(bucket.m_maxes, dtype), maxima, rule.theta, 1.0 - rule.theta, rounded)
     thresholds = rounded(torch._foreach_div(m_maxes, k.clip_bias_correction))
     clip_factors = torch._foreach_div(thresholds, maxima)
-    normalized = [torch.where(grad.abs() > threshold, grad * clip_factor, grad)
-                  for grad, threshold, clip_factor in zip(grads, thresholds, clip_factors)]
+    gradients = [torch.where(grad.abs() > threshold, grad * clip_factor, grad)
+                 for grad, threshold, clip_factor in zip(grads, thresholds, clip_factors)]
+    return _Clipped(coefficients=k, m_maxes=m_maxes, thresholds=thresholds, gradients=gradients)
+
+
+def _adagn_and_adam(bucket: Bucket, rule: BucketRule, clipped: _Clipped,
+                    norms: Tensors) -> tuple[Tensors, Tensors]:
+    """AdaGN on the clipped gradients (`norms`: their whole-tensor norms), then Adam; writes the params and
+    state back in their own dtypes and returns (clip thresholds, AdaGN scales)."""
+    dtype = bucket.coefficients.dtype
+    rounded = _state_rounding(bucket.exp_avgs[0].dtype, dtype)
+    k, m_maxes, thresholds, normalized = clipped
+    del clipped
 
     # AdaGN: rescale the clipped gradient to norm c = m_hat / (sqrt(v_hat) + eps), EMAs of its norm and square.
-    norms = rounded([_norm(grad) for grad in normalized])
+    norms = rounded(norms)
     m_norms = _moving_average(_working(bucket.m_norms, dtype), norms, k.gamma1_scaled, k.one_minus_gamma1_scaled,
                               rounded)
     v_norms = _moving_average(_working(bucket.v_norms, dtype), rounded(torch._foreach_mul(norms, norms)),
@@ -167,9 +229,32 @@ def update_bucket(bucket: Bucket, rule: BucketRule) -> tuple[Tensors, Tensors]:
     return thresholds, scales
 
 
-def update_buckets(buckets: list[Bucket], rules: list[BucketRule]) -> list[tuple[Tensors, Tensors]]:
-    """The functional core of one step: `update_bucket` over every bucket (the unit that gets compiled)."""
-    return [update_bucket(bucket, rule) for bucket, rule in zip(buckets, rules)]
+def _reduce_sharded(values: list[Tensors], rules: list[BucketRule], op: dist.ReduceOp,
+                    group: dist.ProcessGroup) -> list[Tensors]:
+    """Per-bucket lists of 0-dim partial statistics, those of sharded buckets reduced in one collective."""
+    flat = all_reduce_stacked([value for bucket_values, rule in zip(values, rules) if rule.sharded
+                               for value in bucket_values], op, group)
+    reduced = []
+    for bucket_values, rule in zip(values, rules):
+        if rule.sharded:
+            bucket_values, flat = flat[:len(bucket_values)], flat[len(bucket_values):]
+        reduced.append(bucket_values)
+    return reduced
+
+
+def _shard_abs_max(tensor: torch.Tensor) -> torch.Tensor:
+    """`_abs_max` of a shard, 0 for an empty one (a rank can own no rows of a small tensor); |g| >= 0, so 0
+    never wins the cross-shard maximum over a non-empty shard."""
+    if tensor.numel() == 0:
+        return tensor.new_zeros(())
+    return _abs_max(tensor)
+
+
+def _sum_of_squares(tensor: torch.Tensor) -> torch.Tensor:
+    """The squared 2-norm (a shard's share of the whole tensor's); compiled, summed over interleaved streams."""
+    if torch.compiler.is_compiling():
+        return _reduce_streams(tensor.square(), torch.sum, torch.add)
+    return torch.linalg.vector_norm(tensor).square()
 
 
 def _abs_max(tensor: torch.Tensor) -> torch.Tensor:
@@ -265,6 +350,11 @@ class StableSPAM(torch.optim.Optimizer):
     are rounded to bf16 where the original's operations round them, so they stall where the original's do
     (spec a.5.9); the clipped and normalised gradient stays float32 (a round-off difference).
 
+    Sharded params (FSDP2's DTensors) are updated shard by shard, with max|g| and the clipped gradient's
+    norm taken over the whole tensor: every tensor's partial values are reduced across the shard group in one
+    all_reduce(MAX) and one all_reduce(SUM) per step (also with `compile=True`, which traces them). Their
+    moments are DTensors sharded like the param, so torch.distributed.checkpoint gathers and re-shards them.
+
     Args:
         params: parameters or param groups (the original trains one group with every parameter).
         lr: learning rate (per group).
@@ -327,7 +417,7 @@ class StableSPAM(torch.optim.Optimizer):
         self.update_proj_gap = update_proj_gap
         self.variant = variant
         self.fp32_state = fp32_state
-        self._core: Callable[[list[Bucket], list[BucketRule]], list[tuple[Tensors, Tensors]]] = update_buckets
+        self._core: Callable[..., list[tuple[Tensors, Tensors]]] = update_buckets
         if compile:
             # emulate_precision_casts: keep the explicit bf16 roundings that make bf16 EMAs stall as in eager
             self._core = torch.compile(update_buckets, fullgraph=True, options={"emulate_precision_casts": True})
@@ -353,20 +443,25 @@ class StableSPAM(torch.optim.Optimizer):
         self.param_groups[0]["total_steps"] = t
         scale = cosine_scale(t, self.total_T, self.eta_min, clamp=self.variant == "corrected")
         reset = self.update_proj_gap != 0 and t % self.update_proj_gap == 0
-        members, buckets, rules = [], [], []
+        members, buckets, rules, shard_groups = [], [], [], set()
         for group_index, group in enumerate(self.param_groups):
-            rule = BucketRule(
-                theta=self.theta, gamma2=self.gamma2, beta2=group["betas"][1], eps=group["eps"],
-                decay=group["weight_decay"] != 0, reset_before=reset and self.variant == "corrected",
-                reset_after=reset and self.variant == "reference",
-            )
-            for entries in self._advance_counters(group_index, group, reset).values():
+            for (_, _, process_group), entries in self._advance_counters(group_index, group, reset).items():
                 members.append(entries)
                 buckets.append(self._bucket(group, entries, scale))
-                rules.append(rule)
+                rules.append(BucketRule(
+                    theta=self.theta, gamma2=self.gamma2, beta2=group["betas"][1], eps=group["eps"],
+                    decay=group["weight_decay"] != 0, reset_before=reset and self.variant == "corrected",
+                    reset_after=reset and self.variant == "reference", sharded=process_group is not None,
+                ))
+                shard_groups.add(process_group)
         if not buckets:
             return loss
-        for entries, (thresholds, scales) in zip(members, self._core(buckets, rules)):
+        shard_groups.discard(None)
+        if len(shard_groups) > 1:
+            raise ValueError("StableSPAM params are sharded over different process groups; shard them all "
+                             "over one device mesh (one fully_shard mesh for the whole model)")
+        results = self._core(buckets, rules, shard_groups.pop() if shard_groups else None)
+        for entries, (thresholds, scales) in zip(members, results):
             for (p, state, _), threshold, norm_scale in zip(entries, thresholds, scales):
                 state["clip_threshold"] = threshold.to(self._state_dtype(p))
                 state["norm_scale"] = norm_scale.to(self._state_dtype(p))
@@ -377,13 +472,12 @@ class StableSPAM(torch.optim.Optimizer):
         validate_group_hyperparameters({**self.defaults, **param_group}, len(self.param_groups))
         super().add_param_group(param_group)
 
-    def _advance_counters(self, group_index: int, group: dict[str, Any],
-                          reset: bool) -> dict[tuple[torch.device, torch.dtype], list[Member]]:
+    def _advance_counters(self, group_index: int, group: dict[str, Any], reset: bool) -> dict[tuple, list[Member]]:
         """Step the counters of the group's params with a gradient; returns (param, state, AdaClip/AdaGN
-        count) per device and dtype. Adam's count `step` restarts at 1 on a reset step. AdaClip and AdaGN
-        count with it (before the reset) in the reference, with their own `stat_step` in the corrected
-        variant."""
-        entries: dict[tuple[torch.device, torch.dtype], list[Member]] = {}
+        count) per device, dtype and shard group (None for whole tensors). Adam's count `step` restarts at 1
+        on a reset step. AdaClip and AdaGN count with it (before the reset) in the reference, with their own
+        `stat_step` in the corrected variant."""
+        entries: dict[tuple, list[Member]] = {}
         for param_index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
@@ -397,12 +491,12 @@ class StableSPAM(torch.optim.Optimizer):
             else:
                 stat_step = state["step"] + 1
             state["step"] = 1 if reset else state["step"] + 1
-            entries.setdefault((p.device, p.dtype), []).append((p, state, stat_step))
+            entries.setdefault((p.device, p.dtype, shard_group(p)), []).append((p, state, stat_step))
         return entries
 
     def _bucket(self, group: dict[str, Any], entries: list[Member], scale: float) -> Bucket:
         """The core's input for params of one device and dtype, with the step's numbers computed in the
-        original's float order."""
+        original's float order. Sharded params (DTensors) enter as their local shards."""
         lr, (beta1, beta2) = group["lr"], group["betas"]
         gamma1_scaled, beta1_scaled = self.gamma1 * scale, beta1 * scale
         columns = []
@@ -425,11 +519,11 @@ class StableSPAM(torch.optim.Optimizer):
                                     pin_memory=p.device.type == "cuda").to(p.device, non_blocking=True)
         states = [state for _, state, _ in entries]
         return Bucket(
-            params=[p for p, _, _ in entries],
-            grads=[p.grad for p, _, _ in entries],
-            exp_avgs=[state["exp_avg"] for state in states],
-            exp_avg_sqs=[state["exp_avg_sq"] for state in states],
-            max_exp_avg_sqs=[state["max_exp_avg_sq"] for state in states] if group["amsgrad"] else [],
+            params=[local(p) for p, _, _ in entries],
+            grads=[local(p.grad) for p, _, _ in entries],
+            exp_avgs=[local(state["exp_avg"]) for state in states],
+            exp_avg_sqs=[local(state["exp_avg_sq"]) for state in states],
+            max_exp_avg_sqs=[local(state["max_exp_avg_sq"]) for state in states] if group["amsgrad"] else [],
             m_maxes=[state["m_max"] for state in states],
             m_norms=[state["m_norm"] for state in states],
             v_norms=[state["v_norm"] for state in states],
@@ -454,7 +548,8 @@ class StableSPAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then undo torch's cast of every state tensor to the param dtype so that float32 state of
-        bf16 params stays float32. Copies the tensors so the loaded dict is never aliased."""
+        bf16 params stays float32. Copies the tensors so the loaded dict is never aliased. Whole-shape moments
+        of sharded params (a gathered checkpoint) are cut to this rank's shard."""
         if "total_steps" not in state_dict["param_groups"][0]:
             raise ValueError("this optimizer state has no total_steps in its first param group: it was not "
                              "saved by StableSPAM.state_dict()")
@@ -465,5 +560,5 @@ class StableSPAM(torch.optim.Optimizer):
             state = self.state[p]
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
-                    state[key] = value.to(device=p.device, dtype=self._state_dtype(p), copy=True)
+                    state[key] = shard_like(value.to(device=p.device, dtype=self._state_dtype(p), copy=True), p)
 

@@ -7,12 +7,15 @@ Every user error is a ValueError naming the flag and the fix (the entry point tu
 """
 
 import argparse
+import math
 import re
 import sys
 from datetime import datetime
 from pathlib import Path
 
 import torch
+
+from galore_torch import OPTIMIZERS
 
 DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
                  "bf16_mixed": "bf16_mixed"}
@@ -26,6 +29,11 @@ REFERENCE_GROUP_SIZE = 256
 REFERENCE_ACT_TOPK = 2
 _REFERENCE_STYLE_FORMATS = (None, "int", "fp4_ref")  # None: the --act_quant/--fp4 path
 _TOKEN_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
+_FLOAT_FLAGS = ("lr", "min_lr_ratio", "weight_decay", "grad_clipping", "threshold", "density", "eta", "beta1",
+                "beta2", "gamma1", "gamma2", "gamma3")
+# Decay rates of moving averages: 1 would freeze them for good. StableSPAM reads --gamma1 -1 as "use beta1".
+_DECAY_FLAGS = ("beta1", "beta2", "gamma1", "gamma2", "gamma3")
+_GAMMA1_FROM_BETA1 = -1.0
 
 
 def parse_token_count(text: str) -> int:
@@ -130,12 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--eval_tokens", type=parse_token_count, default=10_000_000,
                      help="non-pad tokens per evaluation (the reference's fixed 10M)")
     new.add_argument("--packing", action="store_true", help="pack documents into full sequences")
+    new.add_argument("--fsdp", action="store_true",
+                     help="shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP")
+    new.add_argument("--fsdp_param_dtype", type=str, default="float32", choices=("float32", "bfloat16"),
+                     help="with --fsdp: dtype the layers compute in (bfloat16: fp32 master weights gathered in "
+                          "bf16, gradients reduced in fp32)")
+    new.add_argument("--keep_last", type=int, default=0,
+                     help="keep only the K newest checkpoints, pruning older ones after each save (0: keep all)")
     new.add_argument("--warmup_epoch", type=int, default=150, help="SPAM post-reset warm-up steps")
     new.add_argument("--threshold", type=float, default=2000, help="SPAM spike threshold")
     new.add_argument("--grad_accu_steps", type=int, default=20, help="SPAM steps after a reset without clipping")
     new.add_argument("--cycle_length", type=int, default=None, help="cosine_restarts: updates per cycle")
     new.add_argument("--restart_warmup_steps", type=int, default=None,
                      help="cosine_restarts: warm-up after each restart (default --warmup_steps)")
+    new.add_argument("--max_skipped_updates", type=int, default=10,
+                     help="non-finite (NaN/inf) updates skipped in a row before the run stops with a checkpoint "
+                          "of the last good state (0: stop at the first)")
+    new.add_argument("--spike_monitor", action="store_true",
+                     help="log SPAM's gradient spike counts per layer type, the largest spike score and "
+                          "StableSPAM's clipping statistics")
+    new.add_argument("--spike_every", type=int, default=10, help="--spike_monitor: observe every N updates")
+    new.add_argument("--spike_threshold", type=float, default=50.0,
+                     help="--spike_monitor: a gradient element is a spike above this score (SPAM: 50)")
     return p
 
 
@@ -180,7 +204,10 @@ def _require(condition: bool, message: str) -> None:
 def _validate(args: argparse.Namespace) -> None:
     _require(args.dtype in DTYPE_ALIASES.values(),
              f"--dtype {args.dtype}: unsupported (fp16 is not supported); use bfloat16, float32 or bf16_mixed")
-    for flag in ("lr", "batch_size", "num_training_steps", "max_length", "eval_every", "save_every",
+    for flag in _FLOAT_FLAGS:  # argparse's float() accepts nan and inf, which slip through range checks
+        value = getattr(args, flag)
+        _require(math.isfinite(value), f"--{flag} {value}: must be a finite number")
+    for flag in ("lr", "batch_size", "num_training_steps", "eval_every", "save_every",
                  "update_proj_gap", "total_T", "eval_tokens"):
         value = getattr(args, flag)
         _require(value > 0, f"--{flag} {value}: must be positive")
@@ -189,21 +216,37 @@ def _validate(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         _require(value is None or value > 0, f"--{flag} {value}: must be positive")
     for flag in ("warmup_steps", "weight_decay", "grad_clipping", "workers", "act_topk", "restart_warmup_steps",
-                 "warmup_epoch", "threshold", "grad_accu_steps", "seed"):
+                 "warmup_epoch", "threshold", "grad_accu_steps", "seed", "keep_last"):
         value = getattr(args, flag)
         _require(value >= 0, f"--{flag} {value}: must be >= 0")
     _require(0.0 < args.min_lr_ratio <= 1.0, f"--min_lr_ratio {args.min_lr_ratio}: must be in (0, 1]")
     _require(0.0 < args.density <= 1.0, f"--density {args.density}: must be in (0, 1]")
+    _require(args.max_skipped_updates >= 0,
+             f"--max_skipped_updates {args.max_skipped_updates}: must be >= 0 (0: stop at the first non-finite update)")
+    _require(args.spike_every >= 1, f"--spike_every {args.spike_every}: must be >= 1 (observe every N updates)")
+    _require(0.0 < args.spike_threshold < float("inf"),
+             f"--spike_threshold {args.spike_threshold}: must be a positive number (SPAM uses 50)")
+    _require(args.max_length >= 2, f"--max_length {args.max_length}: must be at least 2 (a token and EOS)")
+    for flag in _DECAY_FLAGS:
+        value = getattr(args, flag)
+        allowed = 0.0 <= value < 1.0 or (flag == "gamma1" and value == _GAMMA1_FROM_BETA1)
+        _require(allowed, f"--{flag} {value}: must be in [0, 1)" + (" (or -1: use beta1)" if flag == "gamma1" else ""))
+    _require(0.0 <= args.eta <= 1.0, f"--eta {args.eta}: must be in [0, 1] (the lowest StableSPAM scale)")
     _require(args.resume_step is None or args.continue_from is not None,
              "--resume_step needs --continue_from DIR (the directory holding model_<step>/)")
     _require(args.optimizer != "", "--optimizer: empty name; use e.g. adamw or stablespam")
     _require(not args.optimizer.startswith(UNSUPPORTED_OPTIMIZER_PREFIXES),
              f"--optimizer {args.optimizer}: GaLore/Q-GaLore optimizers are not supported by this toolkit; "
              "use stablespam, spam, adam, adamw, adafactor, lion or sgd")
+    _require(args.optimizer in OPTIMIZERS,
+             f"--optimizer {args.optimizer}: unknown; use one of {', '.join(sorted(OPTIMIZERS))}")
     legacy_quant = args.act_quant or args.fp4
     explicit_quant = args.weight_format is not None or args.act_format is not None
     _require(not (legacy_quant and explicit_quant),
              "--weight_format/--act_format replace --act_quant/--fp4: pass one style, not both")
+    _require(not (args.fsdp and args.single_gpu), "--fsdp shards over several processes: drop --single_gpu")
+    _require(args.fsdp or args.fsdp_param_dtype == "float32",
+             f"--fsdp_param_dtype {args.fsdp_param_dtype} needs --fsdp (without it use --dtype bf16_mixed)")
     if args.scheduler == "cosine_restarts":
         _require(args.cycle_length is not None,
                  "--scheduler cosine_restarts needs --cycle_length N (updates per cosine cycle)")

@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 import zlib
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -25,7 +26,7 @@ from pathlib import Path
 import datasets
 import torch
 from datasets.distributed import split_dataset_by_node
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import AutoTokenizer
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -38,6 +39,7 @@ TOKENIZE_CHUNK = 64  # documents per tokenizer call: amortises the Python/Rust c
 # Shards move between workers from pass to pass, so one pass may give a worker nothing; a worker whose share stays
 # empty this many passes in a row (tiny or empty shards) stops instead of spinning, which would stall the loader.
 MAX_EMPTY_PASSES = 100
+STREAM_POSITION_KEY = "stream_position"  # where a tracked batch carries its worker's position
 
 # Longer suffixes first: "x.jsonl.gz" must not be taken for an unknown ".gz".
 _BUILDER_BY_SUFFIX = {
@@ -200,10 +202,17 @@ class TokenizedDocuments(IterableDataset):
     In each worker `datasets` takes that worker's shards of the rank's share, so no document is read twice or
     thrown away. Without packing a document gives one sequence of at most `max_length` tokens ending in EOS
     (the T5 way); with packing, documents joined by EOS are cut into full rows of `max_length`.
+
+    With `track_position` every sequence comes with its worker's position after it: {"worker", "epoch",
+    "documents" (taken from that pass), "row" (packing tokens carried over)}. `start_positions` (worker id ->
+    position) makes each worker continue from there. `datasets`' own `state_dict()` cannot serve here: it drops
+    the shuffle buffer's content, so a resumed shuffled stream would differ; the pass's consumed documents are
+    instead skipped untokenised.
     """
 
     def __init__(self, documents: datasets.IterableDataset, tokenizer, *, max_length: int, rank: int,
-                 world_size: int, seed: int, shuffle_buffer: int, packing: bool, num_epochs: int | None):
+                 world_size: int, seed: int, shuffle_buffer: int, packing: bool, num_epochs: int | None,
+                 track_position: bool = False, start_positions: dict[int, dict] | None = None):
         super().__init__()
         self.documents = documents
         self.tokenizer = tokenizer
@@ -214,6 +223,8 @@ class TokenizedDocuments(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.packing = packing
         self.num_epochs = num_epochs
+        self.track_position = track_position
+        self.start_positions = start_positions or {}
 
     def epoch_stream(self, epoch: int) -> datasets.IterableDataset:
         """This rank's share for one pass (a fresh dataset: `set_epoch` would share state across workers)."""
@@ -222,32 +233,44 @@ class TokenizedDocuments(IterableDataset):
             stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
         return stream
 
-    def token_ids(self) -> Iterator[list[int]]:
-        """Token ids of each document, no special tokens (cut to `max_length - 1` unless packing), pass after pass."""
+    def token_ids(self, first_epoch: int = 0, skip: int = 0) -> Iterator[tuple[int, int, list[int]]]:
+        """(pass, documents taken from that pass so far, token ids) of each document from pass `first_epoch` on,
+        after its first `skip` documents; no special tokens, cut to `max_length - 1` unless packing."""
         truncation = {} if self.packing else {"truncation": True, "max_length": self.max_length - 1}
-        epochs = itertools.count() if self.num_epochs is None else range(self.num_epochs)
+        epochs = itertools.count(first_epoch) if self.num_epochs is None else range(first_epoch, self.num_epochs)
         empty_passes = 0
         for epoch in epochs:
-            documents = iter(self.epoch_stream(epoch))
+            taken = skip if epoch == first_epoch else 0
+            documents = itertools.islice(self.epoch_stream(epoch), taken, None)
             empty_passes += 1
             while chunk := [example["text"] for example in itertools.islice(documents, TOKENIZE_CHUNK)]:
                 empty_passes = 0
-                yield from self.tokenizer(chunk, add_special_tokens=False, verbose=False, **truncation)["input_ids"]
+                for ids in self.tokenizer(chunk, add_special_tokens=False, verbose=False, **truncation)["input_ids"]:
+                    taken += 1
+                    yield epoch, taken, ids
             if empty_passes == MAX_EMPTY_PASSES:
                 return
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def sequences(self) -> Iterator[tuple[list[int], dict]]:
+        """Each training sequence with this worker's position right after it."""
+        worker = get_worker_info()
+        worker_id = 0 if worker is None else worker.id
+        start = self.start_positions.get(worker_id, {"epoch": 0, "documents": 0, "row": []})
         eos = self.tokenizer.eos_token_id
-        if not self.packing:
-            for ids in self.token_ids():
-                yield ids + [eos]
-            return
-        row: list[int] = []
-        for ids in self.token_ids():
+        row = list(start["row"])
+        for epoch, taken, ids in self.token_ids(start["epoch"], start["documents"]):
+            if not self.packing:
+                yield ids + [eos], {"worker": worker_id, "epoch": epoch, "documents": taken, "row": []}
+                continue
             row += ids + [eos]
             while len(row) >= self.max_length:
-                yield row[: self.max_length]
-                row = row[self.max_length :]
+                sequence, row = row[: self.max_length], row[self.max_length :]
+                yield sequence, {"worker": worker_id, "epoch": epoch, "documents": taken, "row": list(row)}
+
+    def __iter__(self) -> Iterator:
+        if self.track_position:
+            return self.sequences()
+        return (sequence for sequence, _ in self.sequences())
 
 
 def pad_batch(sequences: list[list[int]], *, max_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -258,6 +281,13 @@ def pad_batch(sequences: list[list[int]], *, max_length: int, pad_token_id: int)
         input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def pad_tracked_batch(items: list[tuple[list[int], dict]], *, max_length: int, pad_token_id: int) -> dict:
+    """`pad_batch` of tracked sequences, plus the position after the batch's last one."""
+    batch = pad_batch([sequence for sequence, _ in items], max_length=max_length, pad_token_id=pad_token_id)
+    batch[STREAM_POSITION_KEY] = items[-1][1]
+    return batch
 
 
 def _single_threaded_tokenizer(worker_id: int) -> None:
@@ -276,17 +306,25 @@ def _check_loader_args(max_length: int, batch_size: int, rank: int, world_size: 
         raise ValueError(f"rank {rank} is outside world size {world_size}")
 
 
+def _effective_workers(dataset: TokenizedDocuments, num_workers: int) -> int:
+    # A worker beyond the rank's shard count would get nothing from `datasets`.
+    return min(num_workers, dataset.epoch_stream(0).num_shards)
+
+
 def _dataloader(dataset: TokenizedDocuments, tokenizer, *, max_length: int, batch_size: int,
                 num_workers: int) -> DataLoader:
-    # A worker beyond the rank's shard count would get nothing from `datasets`.
-    workers = min(num_workers, dataset.epoch_stream(0).num_shards)
+    workers = _effective_workers(dataset, num_workers)
+    collate = pad_tracked_batch if dataset.track_position else pad_batch
     return DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
-        collate_fn=partial(pad_batch, max_length=max_length, pad_token_id=tokenizer.pad_token_id),
+        collate_fn=partial(collate, max_length=max_length, pad_token_id=tokenizer.pad_token_id),
         worker_init_fn=_single_threaded_tokenizer if workers > 0 else None,
         pin_memory=torch.cuda.is_available(),
+        # Its own generator: starting an iterator (worker seeds) must not draw from the global RNG, which a
+        # resumed run restores to the checkpoint's state and SPAM masks / stochastic rounding draw from.
+        generator=torch.Generator().manual_seed(dataset.seed),
     )
 
 
@@ -296,14 +334,76 @@ def build_train_dataloader(source: DatasetSource, tokenizer, *, max_length: int,
     """Training batches {"input_ids", "attention_mask"}: LongTensor[batch_size, max_length] each.
 
     The stream repeats forever by default (`num_epochs=None`), each pass re-shuffled with seed + epoch, so a small
-    corpus can be trained on for any number of steps; C4 is never exhausted in practice. The position is not
-    checkpointed: a resumed run skips the micro-batches it already consumed.
+    corpus can be trained on for any number of steps; C4 is never exhausted in practice. For a run that
+    checkpoints its position use `build_resumable_train_batches`.
     """
     _check_loader_args(max_length, batch_size, rank, world_size, num_workers)
     dataset = TokenizedDocuments(load_documents(source, "train"), tokenizer, max_length=max_length, rank=rank,
                                  world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, packing=packing,
                                  num_epochs=num_epochs)
     return _dataloader(dataset, tokenizer, max_length=max_length, batch_size=batch_size, num_workers=num_workers)
+
+
+class ResumableBatches:
+    """Training batches whose position can be saved and continued from, exactly, with any worker count.
+
+    A DataLoader hands out batches from its workers in turn (0, 1, ..., N-1, 0, ...). Each batch carries its
+    worker's position; this keeps the latest position per worker and whose turn is next. A fresh DataLoader
+    always starts with worker 0, so a resumed one holds back at most N-1 batches to keep the saved turn order.
+    A worker that stays silent while the others deliver more than N batches has run dry and leaves the turn.
+    """
+
+    def __init__(self, loader: DataLoader, state: dict | None = None):
+        self.loader = loader
+        self.num_workers = max(loader.num_workers, 1)
+        self.positions: dict[int, dict] = dict(state["positions"]) if state else {}
+        self.next_worker: int = state["next_worker"] if state else 0
+
+    def state_dict(self) -> dict:
+        return {"num_workers": self.num_workers, "positions": dict(self.positions), "next_worker": self.next_worker}
+
+    def __iter__(self) -> Iterator[dict]:
+        waiting = {worker: deque() for worker in range(self.num_workers)}
+        turns = list(range(self.num_workers))
+        batches = iter(self.loader)
+        while turns:
+            turn = self.next_worker if self.next_worker in turns else turns[0]
+            delivered_meanwhile = 0
+            while not waiting[turn] and delivered_meanwhile <= self.num_workers:
+                batch = next(batches, None)
+                if batch is None:
+                    turns = [worker for worker in turns if waiting[worker]]
+                    break
+                waiting[batch[STREAM_POSITION_KEY]["worker"]].append(batch)
+                delivered_meanwhile += 1
+            if not waiting[turn]:
+                if turn in turns:
+                    turns.remove(turn)  # ran dry: the DataLoader skips it too
+                continue
+            batch = waiting[turn].popleft()
+            self.positions[turn] = batch.pop(STREAM_POSITION_KEY)
+            following = turns[(turns.index(turn) + 1) % len(turns)]
+            self.next_worker = following
+            yield batch
+
+
+def build_resumable_train_batches(source: DatasetSource, tokenizer, *, max_length: int, batch_size: int,
+                                  rank: int, world_size: int, num_workers: int, seed: int = 42,
+                                  packing: bool = False, shuffle_buffer: int = 1000,
+                                  state: dict | None = None, state_file: str = "") -> ResumableBatches:
+    """`build_train_dataloader`'s batches, continuing from `state` (a `ResumableBatches.state_dict()`, read from
+    `state_file`) when given: no document the saved run consumed is trained on again."""
+    _check_loader_args(max_length, batch_size, rank, world_size, num_workers)
+    dataset = TokenizedDocuments(load_documents(source, "train"), tokenizer, max_length=max_length, rank=rank,
+                                 world_size=world_size, seed=seed, shuffle_buffer=shuffle_buffer, packing=packing,
+                                 num_epochs=None, track_position=True,
+                                 start_positions=state["positions"] if state else None)
+    workers = max(_effective_workers(dataset, num_workers), 1)
+    if state is not None and state["num_workers"] != workers:
+        raise ValueError(f"{state_file}: the data position was saved with {state['num_workers']} DataLoader "
+                         f"worker(s) per rank, this run has {workers}; resume with the same --workers")
+    loader = _dataloader(dataset, tokenizer, max_length=max_length, batch_size=batch_size, num_workers=num_workers)
+    return ResumableBatches(loader, state)
 
 
 def build_eval_dataloader(source: DatasetSource, tokenizer, *, max_length: int, batch_size: int, rank: int,

@@ -6,12 +6,14 @@ correct token-weighted `eval_loss`, which is what `eval_ppl` is computed from.
 """
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from peft_pretraining.distributed import DistributedContext, all_reduce_sum
 
@@ -63,20 +65,27 @@ def evaluate(model: nn.Module, batches: Iterable[dict], *, max_tokens: int, ctx:
     accumulator = EvalAccumulator(ctx.device)
     autocast = (torch.autocast(ctx.device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
+    # FSDP2 gathers every layer's weights from all ranks in each forward, so ranks must run equally many:
+    # they agree on stopping before each batch (one small all-reduce per batch, under FSDP2 only).
+    lockstep = ctx.is_distributed and isinstance(model, FSDPModule)
     seen = 0
-    for batch in batches:
-        if seen * ctx.world_size >= max_tokens:
+    for batch in itertools.chain(batches, [None]):
+        done = batch is None or seen * ctx.world_size >= max_tokens
+        if lockstep:
+            done = all_reduce_sum(torch.tensor([float(done)], device=ctx.device), ctx).item() > 0
+        if done:
             break
         mask = batch["attention_mask"]
         tokens = int(mask.sum())
         targets = int(mask[:, 1:].sum())
-        if targets == 0:
+        if targets == 0 and not lockstep:
             continue  # a batch of one-token documents has nothing to predict (its mean loss would be NaN)
         input_ids = batch["input_ids"].to(ctx.device, non_blocking=True)
         labels = input_ids.masked_fill(mask.to(ctx.device, non_blocking=True) == 0, -100)
         with autocast:
             loss = model(input_ids=input_ids, labels=labels).loss
-        accumulator.add(loss, targets, tokens)
-        seen += tokens
+        if targets > 0:
+            accumulator.add(loss, targets, tokens)
+            seen += tokens
     model.train(was_training)
     return accumulator.result(ctx)

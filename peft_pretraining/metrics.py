@@ -3,7 +3,8 @@
 wandb is imported only when it will be used (not with --unset_wandb or WANDB_MODE=disabled), so tests and
 offline runs do not pay for it. The run directory also gets the resolved configuration (`run_config.json`,
 named so it cannot clash with HF's `config.json` in model directories) and the code/library versions
-(`run_env.json`), so every run describes itself.
+(`run_env.json`), so every run describes itself. The wandb run id is kept in `wandb_run.json`, so a run resumed
+into the same directory continues the same wandb run instead of starting a new one.
 """
 
 import json
@@ -19,6 +20,7 @@ from tqdm import tqdm
 METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 RUN_ENV_FILE = "run_env.json"
+WANDB_RUN_FILE = "wandb_run.json"
 _VERSIONED_PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "safetensors", "wandb", "numpy")
 
 
@@ -37,7 +39,8 @@ def wandb_wanted(unset_wandb: bool) -> bool:
 class RunLogger:
     """Every `log` call appends one JSON object (with `step`) to metrics.jsonl and, if on, goes to wandb.
 
-    A resumed run appends to the file; a new run in the same directory starts it afresh.
+    A resumed run appends to the file (see `truncate_metrics`) and continues the wandb run recorded in the
+    directory; a new run in the same directory starts both afresh.
     """
 
     def __init__(self, save_dir: str | Path, *, is_main: bool, run_config: dict,
@@ -55,9 +58,12 @@ class RunLogger:
         if wandb_settings is not None:
             import wandb  # here, so runs without wandb never pay for importing it
 
+            continued = saved_wandb_run_id(save_dir) if resume else None
+            resume_options = {"id": continued, "resume": "allow"} if continued else {}
             self._wandb_run = wandb.init(project=wandb_settings.project, name=wandb_settings.name,
                                          entity=wandb_settings.entity, tags=wandb_settings.tags,
-                                         config=run_config)
+                                         config=run_config, **resume_options)
+            (save_dir / WANDB_RUN_FILE).write_text(json.dumps({"id": self._wandb_run.id}) + "\n")
 
     def log(self, values: dict, step: int) -> None:
         if not self.is_main:
@@ -89,6 +95,34 @@ class RunLogger:
         if self._wandb_run is not None:
             self._wandb_run.finish()
             self._wandb_run = None
+
+
+def saved_wandb_run_id(save_dir: str | Path) -> str | None:
+    """The wandb run id an earlier run in `save_dir` recorded (None: there is none)."""
+    path = Path(save_dir) / WANDB_RUN_FILE
+    try:
+        return json.loads(path.read_text())["id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def truncate_metrics(save_dir: str | Path, after_step: int) -> None:
+    """Drop the metrics.jsonl records of steps after `after_step` (and a line cut short by a kill), so a run
+    resumed from that step's checkpoint appends without duplicating what the killed run logged past it."""
+    path = Path(save_dir) / METRICS_FILE
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= after_step:
+            kept.append(line)
+    partial = path.with_name(f".{METRICS_FILE}.tmp")
+    partial.write_text("".join(f"{line}\n" for line in kept))
+    partial.replace(path)
 
 
 def git_state(repo_dir: Path) -> dict:

@@ -14,7 +14,9 @@ import warnings
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.activations import ACT2FN
 
 from quantization import QuantConfig, quantize_linears, reference_configs
 
@@ -24,6 +26,9 @@ _SENTINEL_TOKEN = re.compile(r"<extra_id_\d+>")
 # The reference "fp4" keeps the 2 largest-|x| entries of each group exact, for weights as for activations.
 REFERENCE_FP4_TOPK = 2
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "bf16_mixed": torch.float32}
+# Sizes every reference config sets: LlamaConfig would silently fill a missing one with LLaMA-7B's value.
+_REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "max_sequence_length", "max_position_embeddings")
 
 
 def load_llama_config(path: str | Path, *, max_length: int) -> LlamaConfig:
@@ -33,21 +38,40 @@ def load_llama_config(path: str | Path, *, max_length: int) -> LlamaConfig:
         raise FileNotFoundError(f"--model_config {path}: no such file; pick one of configs/llama_*.json")
     try:
         fields = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # malformed JSON or not UTF-8 text
         raise ValueError(f"--model_config {path}: not valid JSON ({err}); fix the file") from None
     if not isinstance(fields, dict) or fields.get("model_type", "llama") != "llama":
         raise ValueError(f"--model_config {path}: not a LLaMA config (model_type must be 'llama')")
+    _check_fields(path, fields)
     fields.pop("architectures", None)
     if "max_sequence_length" in fields:
         fields["max_position_embeddings"] = fields.pop("max_sequence_length")
     fields["pad_token_id"] = None
     fields["use_cache"] = False
-    config = LlamaConfig(**fields)
+    try:
+        config = LlamaConfig(**fields)
+    except (StrictDataclassError, TypeError, ValueError) as err:  # transformers validates types and shapes
+        reason = str(err.__cause__ or err).strip().splitlines()[0].rstrip(".")
+        raise ValueError(f"--model_config {path}: {reason}; fix the file") from None
     config._attn_implementation = "sdpa"
     if max_length > config.max_position_embeddings:
         raise ValueError(f"--max_length {max_length} exceeds the {config.max_position_embeddings} positions of "
                          f"{path.name}; lower --max_length")
     return config
+
+
+def _check_fields(path: Path, fields: dict) -> None:
+    """The sizes must be there and be positive integers, and the activation one transformers knows."""
+    missing = [key for key in _REQUIRED_SIZES if key not in fields]
+    if missing:
+        raise ValueError(f"--model_config {path}: missing {', '.join(missing)}; add them (see configs/llama_*.json)")
+    for key in (*_REQUIRED_SIZES, *_OPTIONAL_SIZES):
+        value = fields.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"--model_config {path}: {key} is {value!r}; it must be a positive integer")
+    activation = fields.get("hidden_act", "silu")
+    if not isinstance(activation, str) or activation not in ACT2FN:
+        raise ValueError(f"--model_config {path}: hidden_act {activation!r} is unknown; use e.g. \"silu\"")
 
 
 def apply_tokenizer(config: LlamaConfig, tokenizer) -> None:

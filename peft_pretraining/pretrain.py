@@ -4,13 +4,12 @@ schedule -> (resume) -> DDP -> train -> final evaluation. `main` is the command 
 import argparse
 import contextlib
 import gc
-import itertools
 import json
 import os
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +22,22 @@ from galore_torch import get_optimizer_class
 from peft_pretraining.args import parse_args, resolve_batch_arithmetic
 from peft_pretraining.checkpoint import (
     TrainingState,
-    checkpoint_path,
     find_checkpoint,
     load_checkpoint,
+    load_rank_state,
+    rank_file,
     save_checkpoint,
 )
-from peft_pretraining.data import build_eval_dataloader, build_train_dataloader, load_tokenizer, resolve_dataset
+from peft_pretraining.data import (
+    build_eval_dataloader,
+    build_resumable_train_batches,
+    load_tokenizer,
+    resolve_dataset,
+)
 from peft_pretraining.distributed import DistributedContext, init_distributed, print0, shutdown_distributed
 from peft_pretraining.evaluation import evaluate
-from peft_pretraining.metrics import RunLogger, WandbSettings, wandb_wanted, write_run_record
+from peft_pretraining.fsdp import shard_model
+from peft_pretraining.metrics import RunLogger, WandbSettings, truncate_metrics, wandb_wanted, write_run_record
 from peft_pretraining.model import (
     apply_tokenizer,
     build_model,
@@ -40,7 +46,10 @@ from peft_pretraining.model import (
     quant_configs_from_args,
 )
 from peft_pretraining.optim import build_optimizer
+from peft_pretraining.preflight import check_run_inputs
+from peft_pretraining.rng import capture_rng_state, restore_rng_state
 from peft_pretraining.schedules import build_scheduler
+from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
 
 # The reference shuffles C4 with a fixed seed whatever --seed is (spec g.1 item 5): runs with different
@@ -125,21 +134,24 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
     config = load_llama_config(args.model_config, max_length=args.max_length)
     weight_quant, act_quant = quant_configs_from_args(args)
     source = resolve_dataset(args.dataset)
+    check_run_inputs(args, source)  # before anything is written
     tokenizer = load_tokenizer(args.tokenizer, args.max_length)
     apply_tokenizer(config, tokenizer)
 
     model, quantized = _build_seeded_model(args, ctx, config, weight_quant, act_quant)
+    if args.fsdp:
+        shard_model(model, ctx, args.fsdp_param_dtype)  # in place, before the optimizer takes the parameters
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args.scheduler, num_training_steps=args.num_training_steps,
                                 warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                                 cycle_length=args.cycle_length, restart_warmup_steps=args.restart_warmup_steps)
-    state = _resume(args, ctx, model, optimizer, scheduler)
+    resumed = _resume(args, ctx, model, optimizer, scheduler)
+    state = resumed.state
 
     run_config = {**vars(args), "max_lr": args.lr, "total_params_M": round(count_parameters(model)[0] / 1e6, 2),
                   "world_size": ctx.world_size, "device": str(ctx.device), "quantized_layers": len(quantized),
                   "model": json.loads(config.to_json_string())}
     save_dir = Path(args.save_dir)
-    logger = _start_logging(args, ctx, run_config, argv)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16_mixed" else None
 
     def evaluate_now() -> dict:
@@ -150,26 +162,39 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
         return result.as_metrics("eval")
 
     def save(training_state: TrainingState) -> None:
-        if ctx.is_main:
-            save_checkpoint(checkpoint_path(save_dir, training_state.update_step), model=model,
-                            optimizer=optimizer, scheduler=scheduler, state=training_state, run_config=run_config)
+        # Every rank: the state gathering is collective, and each rank writes its own data position and RNG.
+        save_checkpoint(save_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=training_state,
+                        run_config=run_config, keep_last=args.keep_last,
+                        rank_state={"data": train_batches.state_dict(), "rng": capture_rng_state(model),
+                                    "trainer": trainer.extra_state()})
 
-    train_batches = build_train_dataloader(source, tokenizer, max_length=args.max_length,
-                                           batch_size=args.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-                                           num_workers=args.workers, seed=DATA_SHUFFLE_SEED, packing=args.packing)
-    if state.global_step > 0:
-        # Skip exactly the micro-batches already consumed (the reference skipped one more and re-read them all).
-        train_batches = itertools.islice(train_batches, state.global_step, None)
+    # A resumed run continues each worker's stream where the checkpoint left it: nothing is trained on twice
+    # (the reference re-read and skipped every consumed batch, plus one more).
+    train_batches = build_resumable_train_batches(source, tokenizer, max_length=args.max_length,
+                                                  batch_size=args.batch_size, rank=ctx.rank,
+                                                  world_size=ctx.world_size, num_workers=args.workers,
+                                                  seed=DATA_SHUFFLE_SEED, packing=args.packing,
+                                                  state=resumed.data_state, state_file=resumed.rank_file)
+    logger = _start_logging(args, ctx, run_config, argv,
+                            resumed_step=state.update_step if args.continue_from is not None else None)
 
-    wrapped = model
-    if ctx.is_distributed:
+    wrapped = model  # FSDP2 wrapped the model in place
+    if ctx.is_distributed and not args.fsdp:
         wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
     settings = TrainSettings(num_training_steps=args.num_training_steps,
                              accumulation_steps=args.gradient_accumulation, total_batch_size=args.total_batch_size,
                              grad_clipping=args.grad_clipping, eval_every=args.eval_every,
-                             save_every=args.save_every, autocast_dtype=autocast_dtype)
+                             save_every=args.save_every, autocast_dtype=autocast_dtype,
+                             max_skipped_updates=args.max_skipped_updates)
+    spike_monitor = (GradientSpikeMonitor(model.named_parameters(), threshold=args.spike_threshold,
+                                          every=args.spike_every) if args.spike_monitor else None)
     trainer = Trainer(model=wrapped, optimizer=optimizer, scheduler=scheduler, batches=train_batches,
-                      settings=settings, ctx=ctx, logger=logger, state=state, evaluate=evaluate_now, save=save)
+                      settings=settings, ctx=ctx, logger=logger, state=state, evaluate=evaluate_now, save=save,
+                      spike_monitor=spike_monitor)
+    trainer.load_extra_state(resumed.trainer_state)
+    if resumed.rng_state is not None:
+        # Last: setup above may draw random numbers (and torch's optimizer-state loader may step once).
+        restore_rng_state(model, resumed.rng_state, source=resumed.rank_file)
     return _PreparedRun(args=args, ctx=ctx, model=model, trainer=trainer, logger=logger, evaluate_now=evaluate_now)
 
 
@@ -188,23 +213,41 @@ def _build_seeded_model(args, ctx: DistributedContext, config, weight_quant, act
     return model, quantized
 
 
-def _resume(args, ctx: DistributedContext, model, optimizer, scheduler) -> TrainingState:
-    """Counters (and weights) from --continue_from; optimizer and schedule only with --restore_optimizer."""
+@dataclass
+class _Resumed:
+    """What --continue_from restores beyond the weights: counters, this rank's data position and RNG states."""
+
+    state: TrainingState
+    data_state: dict | None = None
+    rng_state: dict | None = None
+    rank_file: str = ""
+    trainer_state: dict = field(default_factory=dict)  # Trainer.extra_state(): skip count, spike monitor
+
+
+def _resume(args, ctx: DistributedContext, model, optimizer, scheduler) -> _Resumed:
+    """Weights, counters, data position and RNG from --continue_from; optimizer and schedule only with
+    --restore_optimizer (without it the run restarts warm-up with fresh optimizer state, so it is not exact)."""
     if args.continue_from is None:
-        return TrainingState()
+        return _Resumed(TrainingState())
     checkpoint = find_checkpoint(args.continue_from, args.resume_step)
     restore = args.restore_optimizer
     state = load_checkpoint(checkpoint, model=model, optimizer=optimizer if restore else None,
                             scheduler=scheduler if restore else None)
+    saved = load_rank_state(checkpoint, ctx.rank, ctx.world_size)
     print0(ctx, f"Resumed from {checkpoint} at update {state.update_step}"
                 f"{' with optimizer state' if restore else ' (fresh optimizer and schedule)'}")
-    return state
+    return _Resumed(state, data_state=saved["data"], rng_state=saved["rng"],
+                    rank_file=str(checkpoint / rank_file(ctx.rank)), trainer_state=saved.get("trainer", {}))
 
 
-def _start_logging(args, ctx: DistributedContext, run_config: dict, argv: list[str]) -> RunLogger:
-    """Write the run record and open metrics.jsonl (+ wandb when wanted) on rank 0."""
+def _start_logging(args, ctx: DistributedContext, run_config: dict, argv: list[str],
+                   resumed_step: int | None) -> RunLogger:
+    """Write the run record and open metrics.jsonl (+ wandb when wanted) on rank 0: the run's first writes,
+    so every check must come before. A resumed run first drops the lines logged past its checkpoint."""
     wandb_settings = None
     if ctx.is_main:
+        if resumed_step is not None:
+            truncate_metrics(args.save_dir, after_step=resumed_step)
         write_run_record(args.save_dir, run_config, argv)
         if wandb_wanted(args.unset_wandb):
             tags = [tag for tag in args.tags.split(",") if tag] if args.tags else None

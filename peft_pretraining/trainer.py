@@ -1,51 +1,83 @@
 """The update loop: accumulate micro-batches, measure and clip the gradient, step, schedule, log, and call
 the evaluation and checkpoint hooks on their cadence.
 
-Exactly `num_training_steps` updates run (the reference ran one more, at lr x 1e-7; spec g.2 #9). The only
-host sync is once per update, to log loss and grad norm; micro-batches never wait for the device.
+Exactly `num_training_steps` updates are *applied* (the reference ran one more, at lr x 1e-7; spec g.2 #9).
+
+Non-finite updates. Every update is checked once, after its last backward: it is non-finite when the sum of
+its micro-batch losses or the global gradient norm (non-finite if any gradient element is) is NaN/inf. The
+norm is the same on every rank after the gradient all-reduce; the losses are per rank, so a one-element flag
+is summed over ranks and every rank takes the same decision. A non-finite update is skipped: no optimizer
+step, no scheduler step, gradients zeroed, nothing observed by the spike monitor, so neither the weights nor
+any optimizer or monitor state sees it. Its micro-batches are consumed (`global_step` counts them, so resume
+does not read them again) but it does not count as an update: `update_step`, the schedule and `tokens_seen`
+move with applied updates only, so a run with skips reads `num_training_steps + skipped` updates' worth of
+data. `skipped_updates` (the running total) is on every update's log line; a skipped attempt logs
+`skipped_updates` and `skipped_in_a_row` under the step number it would have had. More than
+`max_skipped_updates` skipped updates in a row stop the run: the last good state (the weights and optimizer
+of the last applied update) is checkpointed through `save` unless that update was just saved, then
+NonFiniteLossError is raised.
+
+Host syncs: one per update, before the optimizer step (the skip decision needs it); micro-batches never wait
+for the device. Values that exist only after the step (SPAM's post-clip norm, the spike monitor's scores and
+StableSPAM's clipping statistics) are converted in the next update's sync, so such an update's log line is
+written one update late (or before the eval/save hooks, and at the end).
 """
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from peft_pretraining.checkpoint import TrainingState
-from peft_pretraining.distributed import DistributedContext
+from peft_pretraining.distributed import DistributedContext, all_reduce_sum, print0
 from peft_pretraining.metrics import RunLogger
+from peft_pretraining.spike_monitor import GradientSpikeMonitor, optimizer_spike_stats
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf: the weights are lost, so the run stops instead of burning compute."""
+    """Too many non-finite updates in a row: the run stops instead of burning compute."""
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    num_training_steps: int
+    num_training_steps: int  # applied updates
     accumulation_steps: int
     total_batch_size: int  # sequences per update over all ranks
     grad_clipping: float = 0.0  # clip the global grad norm to this (0: off)
     eval_every: int = 5_000
     save_every: int = 10_000
     autocast_dtype: torch.dtype | None = None  # bf16 autocast over fp32 weights (bf16_mixed)
+    max_skipped_updates: int = 10  # non-finite updates tolerated in a row (0: stop at the first)
+
+
+@dataclass
+class _PendingLine:
+    """An applied update's log line waiting for its device values (converted in the next host sync)."""
+
+    step: int
+    values: dict[str, float]
+    device_values: dict[str, torch.Tensor]
 
 
 class Trainer:
     """Runs updates from `state` to `settings.num_training_steps` over any iterable of batches
     ({"input_ids", "attention_mask"} on the host). Evaluation and checkpointing are the caller's hooks, called
-    every `eval_every` / `save_every` updates (and `save` once more at the end); the final evaluation is the
-    caller's too."""
+    every `eval_every` / `save_every` updates (and `save` once more at the end, or when non-finite updates stop
+    the run); the final evaluation is the caller's too. `spike_monitor`, if given, observes the gradients of
+    applied updates before clipping; its scores and `optimizer_spike_stats` join the update's log line."""
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterable[dict],
                  settings: TrainSettings, ctx: DistributedContext, logger: RunLogger,
                  state: TrainingState | None = None, evaluate: Callable[[], dict] | None = None,
-                 save: Callable[[TrainingState], None] | None = None):
+                 save: Callable[[TrainingState], None] | None = None,
+                 spike_monitor: GradientSpikeMonitor | None = None):
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -56,9 +88,27 @@ class Trainer:
         self.state = state if state is not None else TrainingState()
         self.evaluate = evaluate
         self.save = save
+        self.spike_monitor = spike_monitor
+        self.skipped_updates = 0
+        self.skipped_in_a_row = 0
+        self._pending: _PendingLine | None = None
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._autocast = (torch.autocast(ctx.device.type, dtype=settings.autocast_dtype)
                           if settings.autocast_dtype is not None else contextlib.nullcontext())
+
+    def extra_state(self) -> dict:
+        """What a checkpoint needs beyond model/optimizer/scheduler/counters to resume this loop exactly."""
+        monitor = self.spike_monitor
+        return {"skipped_updates": self.skipped_updates,
+                "spike_monitor": monitor.state_dict() if monitor is not None else None}
+
+    def load_extra_state(self, extra: dict) -> None:
+        """Restore `extra_state()` output. The in-a-row count restarts at 0 (a resumed run gets a fresh
+        allowance); a monitor starts fresh when the checkpoint has no monitor state."""
+        self.skipped_updates = int(extra.get("skipped_updates", 0))
+        monitor_state = extra.get("spike_monitor")
+        if self.spike_monitor is not None and monitor_state is not None:
+            self.spike_monitor.load_state_dict(monitor_state)
 
     def train(self) -> TrainingState:
         settings, state = self.settings, self.state
@@ -68,63 +118,158 @@ class Trainer:
         self.model.train()
         while state.update_step < settings.num_training_steps:
             started = time.perf_counter()
-            loss, tokens = self._accumulate(batches)
-            grad_norm, clipped_norm = self._clip_gradients()
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            after_clip = getattr(self.optimizer, "last_grad_norm", None)
-            after_clip = clipped_norm if after_clip is None else after_clip
-            loss_value, norm_value, after_clip_value = torch.stack(
-                [loss.float(), grad_norm.float(), after_clip.float().to(loss.device)]).tolist()
-            self._record_update(tokens, time.perf_counter() - started)
-            self._log_update(loss_value, norm_value, after_clip_value)
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(f"loss became {loss_value} at update {state.update_step}; "
-                                         "lower --lr, set --grad_clipping, or resume from an earlier checkpoint")
+            loss, loss_sum, tokens = self._accumulate(batches)
+            grad_norm = self._grad_norm()
+            loss_value, norm_value, non_finite = self._host_values(
+                [loss, grad_norm, self._non_finite_flag(loss_sum, grad_norm)])
+            if non_finite:
+                self._skip_update(loss_value, norm_value)
+                if self.skipped_in_a_row > settings.max_skipped_updates:
+                    self._stop(saved_at)
+                continue
+            self.skipped_in_a_row = 0
+            self._apply_update(grad_norm, loss_value, norm_value, tokens, started)
             step = state.update_step
-            if self.evaluate is not None and step % settings.eval_every == 0 and step < settings.num_training_steps:
+            evaluate_now = self.evaluate is not None and step % settings.eval_every == 0 \
+                and step < settings.num_training_steps
+            save_now = self.save is not None and step % settings.save_every == 0
+            if evaluate_now or save_now:
+                self._flush_log()
+            if evaluate_now:
                 self.logger.log(self.evaluate(), step=step)
-            if self.save is not None and step % settings.save_every == 0:
+            if save_now:
                 self.save(state)
                 saved_at = step
+        self._flush_log()
         if self.save is not None and saved_at != state.update_step:
             self.save(state)
         self.logger.close_progress()
         return state
 
-    def _accumulate(self, batches) -> tuple[torch.Tensor, int]:
+    def _accumulate(self, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Forward/backward over one update's micro-batches; returns the last micro-batch loss (unscaled,
-        like the reference logs it) and the non-pad tokens of this rank."""
-        tokens = 0
+        like the reference logs it), the sum of all micro-batch losses (for the finiteness check), and the
+        non-pad tokens of this rank."""
+        token_counts = []
+        loss_sum = None
         accumulation = self.settings.accumulation_steps
         for micro_step in range(accumulation):
             batch = next(batches)
             mask = batch["attention_mask"]
-            tokens += int(mask.sum())  # the batch is still on the host: no device sync
+            token_counts.append(mask.sum())  # the batch is still on the host: no device work
             input_ids = batch["input_ids"].to(self.ctx.device, non_blocking=True)
             labels = input_ids.masked_fill(mask.to(self.ctx.device, non_blocking=True) == 0, -100)
             with self._gradient_sync(micro_step == accumulation - 1):
                 with self._autocast:
                     loss = self.model(input_ids=input_ids, labels=labels).loss
                 (loss / accumulation).backward()
+            loss = loss.detach()
+            loss_sum = loss if loss_sum is None else loss_sum + loss
             self.state.global_step += 1
-        return loss.detach(), tokens
+        return loss, loss_sum, int(torch.stack(token_counts).sum())
 
     def _gradient_sync(self, last_micro_step: bool):
-        """DDP all-reduces gradients only on an update's last micro-batch."""
+        """DDP all-reduces (FSDP2 reduce-scatters) gradients only on an update's last micro-batch."""
         if isinstance(self.model, DistributedDataParallel) and not last_micro_step:
             return self.model.no_sync()
+        if isinstance(self.model, FSDPModule):
+            self.model.set_requires_gradient_sync(last_micro_step)
         return contextlib.nullcontext()
 
-    def _clip_gradients(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global L2 grad norm before clipping (logged as grad_norm) and after it."""
-        grads = [p.grad for p in self._params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads)
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of all gradients: non-finite if any element is. FSDP2 (DTensor gradients) gives a
+        DTensor; its full value is what clipping and the skip decision need."""
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self._params if p.grad is not None])
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def _non_finite_flag(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        """> 0 when any rank's loss or the (all-reduced, hence shared) grad norm is NaN/inf. The loss is
+        per rank, so the flag is summed over ranks: every rank then skips, or steps, together."""
+        flag = torch.logical_not(torch.isfinite(loss_sum.float()) & torch.isfinite(grad_norm)).float()
+        return all_reduce_sum(flag.reshape(1), self.ctx)[0]
+
+    def _host_values(self, tensors: list[torch.Tensor]) -> list[float]:
+        """The update's one host sync: converts `tensors` together with the pending line's device values,
+        and writes that line."""
+        pending, self._pending = self._pending, None
+        waiting = list(pending.device_values.values()) if pending is not None else []
+        everything = [t.detach().float().reshape(()).to(self.ctx.device) for t in tensors + waiting]
+        values = torch.stack(everything).tolist() if everything else []
+        if pending is not None:
+            pending.values.update(zip(pending.device_values, values[len(tensors):], strict=True))
+            self.logger.log(pending.values, step=pending.step)
+        return values[:len(tensors)]
+
+    def _flush_log(self) -> None:
+        """Write the pending line now (a host sync), e.g. before an eval/save hook or the end."""
+        self._host_values([])
+
+    def _apply_update(self, grad_norm: torch.Tensor, loss: float, norm: float, tokens: int,
+                      started: float) -> None:
+        """Observe (monitor), clip, step, schedule; then log, or leave the line pending on device values."""
+        step = self.state.update_step + 1
+        device_values = self.spike_monitor.observe(step) if self.spike_monitor is not None else {}
+        clipped_norm = self._clip_gradients(grad_norm, norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if device_values:
+            device_values |= optimizer_spike_stats(self.optimizer)
+        spam_norm = getattr(self.optimizer, "last_grad_norm", None)  # SPAM's norm after its own clipping
+        if spam_norm is not None:
+            device_values["grad_norm_afterclip"] = spam_norm
+        self._record_update(tokens, time.perf_counter() - started)
+        values = self._update_values(loss, norm)
+        if spam_norm is None:
+            values["grad_norm_afterclip"] = clipped_norm
+        if device_values:
+            self._pending = _PendingLine(step=self.state.update_step, values=values, device_values=device_values)
+        else:
+            self.logger.log(values, step=self.state.update_step)
+        self.logger.advance_progress(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
+                                     tok_s=f"{values['throughput_tokens']:,.0f}")
+
+    def _clip_gradients(self, grad_norm: torch.Tensor, norm: float) -> float:
+        """Clip to the global norm `grad_norm` (host copy: `norm`); returns the norm after clipping."""
         if self.settings.grad_clipping > 0:
-            torch.nn.utils.clip_grads_with_norm_(self._params, self.settings.grad_clipping, norm)
-            return norm, norm.clamp(max=self.settings.grad_clipping)
-        return norm, norm
+            torch.nn.utils.clip_grads_with_norm_(self._params, self.settings.grad_clipping, grad_norm)
+            return min(norm, self.settings.grad_clipping)
+        return norm
+
+    def _skip_update(self, loss: float, grad_norm: float) -> None:
+        """Drop a non-finite update's gradients; count and report it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.skipped_updates += 1
+        self.skipped_in_a_row += 1
+        attempted = self.state.update_step + 1
+        self.logger.log({"skipped_updates": self.skipped_updates, "skipped_in_a_row": self.skipped_in_a_row},
+                        step=attempted)
+        print0(self.ctx, f"update {attempted}: non-finite loss {loss} or gradient norm {grad_norm}; skipped "
+                         f"({self.skipped_in_a_row} in a row, {self.skipped_updates} in all)")
+
+    def _stop(self, saved_at: int | None) -> None:
+        """Checkpoint the last good state (if it is not on disk yet) and raise NonFiniteLossError."""
+        state, settings = self.state, self.settings
+        self._flush_log()
+        self.logger.close_progress()
+        if self.save is None:
+            kept = "no checkpoint hook"
+        elif saved_at == state.update_step:
+            kept = f"the last good state is checkpoint {state.update_step}"
+        elif self._weights_finite():
+            self.save(state)
+            kept = f"the last good state is saved as checkpoint {state.update_step}"
+        else:
+            kept = "the weights themselves are non-finite, not saved; resume from an earlier checkpoint"
+        raise NonFiniteLossError(
+            f"{self.skipped_in_a_row} non-finite updates in a row after update {state.update_step} "
+            f"(--max_skipped_updates {settings.max_skipped_updates}); {kept}; lower --lr or set --grad_clipping")
+
+    def _weights_finite(self) -> bool:
+        """All weights finite on every rank (only when stopping: one pass over the weights and a sync)."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in self._params]  # FSDP2: this rank's shard
+        bad = torch.stack([torch.logical_not(torch.isfinite(p).all()) for p in local]).sum().float()
+        return all_reduce_sum(bad.reshape(1), self.ctx).item() == 0
 
     def _record_update(self, tokens: int, seconds: float) -> None:
         state = self.state
@@ -133,18 +278,15 @@ class Trainer:
         state.tokens_seen += tokens * self.ctx.world_size
         state.update_time = seconds
 
-    def _log_update(self, loss: float, grad_norm: float, grad_norm_after_clip: float) -> None:
+    def _update_values(self, loss: float, grad_norm: float) -> dict[str, float]:
         state, seconds = self.state, self.state.update_time
-        tokens_per_second = (state.tokens_seen - state.tokens_seen_before) / seconds
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.logger.log({
+        return {
             "loss": loss,
-            "lr": lr,
+            "lr": self.optimizer.param_groups[0]["lr"],
             "tokens_seen": state.tokens_seen,
-            "throughput_tokens": tokens_per_second,
+            "throughput_tokens": (state.tokens_seen - state.tokens_seen_before) / seconds,
             "throughput_examples": self.settings.total_batch_size / seconds,
             "throughput_batches": self.settings.accumulation_steps * self.ctx.world_size / seconds,
             "grad_norm": grad_norm,
-            "grad_norm_afterclip": grad_norm_after_clip,
-        }, step=state.update_step)
-        self.logger.advance_progress(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
+            "skipped_updates": self.skipped_updates,
+        }

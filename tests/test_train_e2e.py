@@ -17,7 +17,7 @@ import peft_pretraining
 
 REPO = Path(__file__).resolve().parents[1]
 UPDATE_KEYS = {"step", "loss", "lr", "tokens_seen", "throughput_tokens", "throughput_examples",
-               "throughput_batches", "grad_norm", "grad_norm_afterclip"}
+               "throughput_batches", "grad_norm", "grad_norm_afterclip", "skipped_updates"}
 EVAL_KEYS = {"step", "eval_loss", "eval_ppl", "eval_tokens", "eval_loss_reference"}
 
 
@@ -143,7 +143,7 @@ def test_missing_checkpoint_is_a_usage_error(tiny_config, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, flag", [
-    (["--optimizer", "adamx"], "unknown optimizer 'adamx'"),
+    (["--optimizer", "adamx"], "--optimizer adamx: unknown"),
     (["--dataset", "no_such_corpus"], "--dataset no_such_corpus"),
     (["--total_batch_size", "3"], "--total_batch_size 3"),
     (["--weight_format", "mxfp4", "--weight_group_size", "64"], "--weight_format mxfp4"),

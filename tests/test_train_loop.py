@@ -1,4 +1,5 @@
-"""The update loop on in-memory batches: accumulation, pad masking, update count, hook cadence, divergence."""
+"""The update loop on in-memory batches: accumulation, pad masking, update count, hook cadence, divergence
+(non-finite updates in detail: test_nonfinite.py)."""
 
 import json
 
@@ -88,14 +89,20 @@ def test_gradient_clipping_limits_the_norm(tmp_path):
     assert all(r["grad_norm"] > 0.01 and r["grad_norm_afterclip"] == pytest.approx(0.01) for r in records)
 
 
-def test_non_finite_loss_stops_the_run(tmp_path):
+def test_persistent_non_finite_loss_stops_the_run_after_the_allowed_skips(tmp_path):
     model = tiny_model()
     with torch.no_grad():
         model.model.norm.weight.fill_(float("nan"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = build_scheduler(optimizer, "linear", num_training_steps=5, warmup_steps=0, min_lr_ratio=0.1)
+    saved = []
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, batches=full_batches(5, 1),
-                      settings=TrainSettings(num_training_steps=5, accumulation_steps=1, total_batch_size=1),
-                      ctx=ONE_PROCESS, logger=RunLogger(tmp_path, is_main=True, run_config={}))
-    with pytest.raises(NonFiniteLossError, match="update 1"):
+                      settings=TrainSettings(num_training_steps=5, accumulation_steps=1, total_batch_size=1,
+                                             max_skipped_updates=2),
+                      ctx=ONE_PROCESS, logger=RunLogger(tmp_path, is_main=True, run_config={}),
+                      save=lambda state: saved.append(state.update_step))
+    with pytest.raises(NonFiniteLossError, match="3 non-finite updates in a row after update 0"):
         trainer.train()
+    # The weights themselves are NaN here, so no "last good state" checkpoint is written over a good one.
+    assert saved == []
+    assert (trainer.state.update_step, trainer.state.global_step, trainer.skipped_updates) == (0, 3, 3)
