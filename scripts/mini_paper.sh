@@ -14,8 +14,9 @@
 # MINI_PAPER_DIR when you change them. Checkpoints are deleted when a run finishes to keep
 # the disk small; metrics.jsonl and run_config.json stay.
 #
-#   bash scripts/mini_paper.sh                  # everything, then the table and the figures
-#   DRY_RUN=1 bash scripts/mini_paper.sh        # print the runs, train nothing
+#   bash scripts/mini_paper.sh                  # everything, then the table and the figures (exit 1 if a
+#                                               # run failed: run it again to redo only those)
+#   DRY_RUN=1 bash scripts/mini_paper.sh        # print the runs still to do, train nothing
 #   STEPS=40 SEEDS="0" bash scripts/mini_paper.sh   # a quicker, smaller version
 #
 # Writes docs/mini_paper/runs/<format>-<optimizer>-lr<lr>-s<seed>/ and, from them, docs/mini_paper/
@@ -94,14 +95,22 @@ run_one() {
   # shellcheck disable=SC2046  # the preset flags are meant to split into words
   local cmd=("$PYTHON" "$ROOT/main_pretrain.py" "${COMMON[@]}" $(optimizer_flags "$opt") $(format_flags "$fmt")
              --lr "$lr" --seed "$seed" --save_dir "$dir")
-  if [[ -n ${DRY_RUN:-} ]]; then echo "${cmd[*]}"; return 0; fi
+  if [[ ${DRY_RUN:-0} == 1 ]]; then echo "${cmd[*]}"; return 0; fi
   rm -rf "$dir" && mkdir -p "$dir"
   if OMP_NUM_THREADS=1 "${cmd[@]}" >"$dir/train.log" 2>&1; then
     rm -rf "$dir"/model_*
     echo "finished: $dir ($(grep -o 'perplexity [0-9.]*' "$dir/train.log" | tail -1))"
   else
     echo "FAILED: $dir (see $dir/train.log)" >&2
+    return 1
   fi
+}
+
+# The finished runs among the given directories: an unfinished one must not enter the table with a
+# mid-run perplexity.
+finished() {
+  local dir
+  for dir in "$@"; do if is_finished "$dir"; then echo "$dir"; fi; done
 }
 
 export -f run_one optimizer_flags format_flags is_finished
@@ -110,17 +119,26 @@ export COMMON_LINE="${COMMON[*]}"
 
 mkdir -p "$RUNS"
 # xargs runs each line in a fresh bash, which cannot inherit an array: rebuild COMMON from its line.
-plan | xargs -P "$PARALLEL" -L 1 bash -c 'read -r -a COMMON <<<"$COMMON_LINE"; run_one "$@"' _
-[[ -n ${DRY_RUN:-} ]] && exit 0
+status=0
+plan | xargs -P "$PARALLEL" -L 1 bash -c 'read -r -a COMMON <<<"$COMMON_LINE"; run_one "$@"' _ || status=$?
+[[ ${DRY_RUN:-0} == 1 ]] && exit "$status"
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-"$PYTHON" "$ROOT/scripts/plot_runs.py" "$RUNS"/*/ --out "$OUT" --smooth 0.8 >/dev/null
+plot() { "$PYTHON" "$ROOT/scripts/plot_runs.py" "$@" --smooth 0.8 >/dev/null; }
+# shellcheck disable=SC2046  # one directory per line, no spaces in run names
+plot $(finished "$RUNS"/*) --out "$OUT"
 for fmt in $FORMATS; do
-  "$PYTHON" "$ROOT/scripts/plot_runs.py" "$RUNS/$fmt"-{adam,adam_clip,spam,stablespam,stablespam_corrected}-lr"$BASE_LR"-s0/ --out "$OUT/figures/$fmt" --smooth 0.8 \
-    >/dev/null
+  # shellcheck disable=SC2046
+  plot $(finished "$RUNS/$fmt"-{adam,adam_clip,spam,stablespam,stablespam_corrected}-lr"$BASE_LR"-s0) \
+    --out "$OUT/figures/$fmt"
   rm -f "$OUT/figures/$fmt/final_ppl.md"
 done
-"$PYTHON" "$ROOT/scripts/plot_runs.py" "$RUNS"/int4-{adam,stablespam}-lr*-s0/ --out "$OUT/figures/lr_sweep" --smooth 0.8 >/dev/null
+# shellcheck disable=SC2046
+plot $(finished "$RUNS"/int4-{adam,stablespam}-lr*-s0) --out "$OUT/figures/lr_sweep"
 mv "$OUT/figures/lr_sweep/final_ppl.md" "$OUT/lr_sweep_ppl.md"
 rm -f "$OUT"/*.png
 echo "Table: $OUT/final_ppl.md  LR sweep: $OUT/lr_sweep_ppl.md  figures: $OUT/figures/"
+if ((status != 0)); then
+  echo "mini_paper.sh: some runs failed (the FAILED lines above); run the script again to redo them" >&2
+fi
+exit "$status"
