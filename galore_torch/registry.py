@@ -2,6 +2,7 @@
 
 import torch
 
+from galore_torch.adafactor import Adafactor
 from galore_torch.lion import Lion
 from galore_torch.spam import SPAM
 from galore_torch.stable_spam import StableSPAM
@@ -9,7 +10,8 @@ from galore_torch.stable_spam import StableSPAM
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
-    "adafactor": torch.optim.Adafactor,
+    "adafactor": Adafactor,  # transformers' semantics, as the reference's baselines ran
+    "adafactor_torch": torch.optim.Adafactor,  # torch's variant: no first moment, no update clipping
     "sgd": torch.optim.SGD,
     "lion": Lion,
     "spam": SPAM,

@@ -26,9 +26,13 @@ def spam_param_groups(model: nn.Module, *, density: float, update_proj_gap: int)
 
 
 # Per-optimizer constructor arguments beyond lr and weight_decay, keyed by registry name. Adam-type optimizers
-# keep their class defaults for betas/eps, as the reference did (--beta1 is SGD's momentum there).
+# keep their class defaults for betas/eps, as the reference did (--beta1 is SGD's momentum and Adafactor's beta1
+# there; Adafactor's other arguments are the reference's fixed ones, spelled out so they cannot drift).
 _EXTRA_ARGUMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "sgd": lambda args: {"momentum": args.beta1},
+    "adafactor": lambda args: {"beta1": args.beta1, "eps": (1e-30, 1e-3), "clip_threshold": 1.0,
+                               "decay_rate": -0.8, "relative_step": False, "scale_parameter": False,
+                               "warmup_init": False},
     "stablespam": lambda args: {"gamma1": args.gamma1, "gamma2": args.gamma2, "gamma3": args.gamma3,
                                 "eta_min": args.eta, "update_proj_gap": args.update_proj_gap,
                                 "total_T": args.total_T},

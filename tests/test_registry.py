@@ -7,7 +7,7 @@ from galore_torch import OPTIMIZERS, get_optimizer_class
 def test_torch_baselines_are_torch_classes_not_copies():
     assert get_optimizer_class("adam") is torch.optim.Adam
     assert get_optimizer_class("AdamW") is torch.optim.AdamW
-    assert get_optimizer_class("adafactor") is torch.optim.Adafactor
+    assert get_optimizer_class("adafactor_torch") is torch.optim.Adafactor
 
 
 def test_unknown_name_lists_valid_names():
@@ -18,8 +18,9 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_project_optimizers_registered():
-    from galore_torch import SPAM, Lion, StableSPAM
+    from galore_torch import SPAM, Adafactor, Lion, StableSPAM
 
     assert get_optimizer_class("StableSPAM") is StableSPAM
+    assert get_optimizer_class("Adafactor") is Adafactor  # the reference's (transformers') Adafactor, not torch's
     assert get_optimizer_class("spam") is SPAM
     assert get_optimizer_class("lion") is Lion

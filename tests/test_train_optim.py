@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from galore_torch import Adafactor
 from peft_pretraining.args import parse_args
 from peft_pretraining.optim import build_optimizer, spam_param_groups
 
@@ -44,8 +45,13 @@ def test_sgd_momentum_is_beta1_like_the_reference(model):
     assert optimizer.param_groups[0]["momentum"] == 0.5
 
 
-def test_adafactor_is_torchs(model):
-    assert type(build_optimizer(model, args_for("--optimizer", "adafactor"))) is torch.optim.Adafactor
+def test_adafactor_gets_beta1_and_the_reference_fixed_arguments(model):
+    optimizer = build_optimizer(model, args_for("--optimizer", "adafactor", "--beta1", "0.8"))
+    assert type(optimizer) is Adafactor and len(optimizer.param_groups) == 1
+    group = optimizer.param_groups[0]
+    expected = {"lr": 0.003, "weight_decay": 0.01, "beta1": 0.8, "eps": (1e-30, 1e-3), "clip_threshold": 1.0,
+                "decay_rate": -0.8, "relative_step": False, "scale_parameter": False, "warmup_init": False}
+    assert {key: group[key] for key in expected} == expected
 
 
 def test_unknown_optimizer_lists_the_valid_ones(model):
