@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--project", type=str, default="test", help="wandb project")
     add("--unset_wandb", action="store_true", help="no wandb at all (metrics.jsonl is always written)")
     add("--entity", type=str, default=None, help="wandb entity")
-    add("--beta1", type=float, default=0.9, help="SGD momentum (as in the reference; Adam-type use defaults)")
+    add("--beta1", type=float, default=0.9, help="SGD momentum and Adafactor's beta1 (as in the reference; Adam-type use defaults)")
     add("--beta2", type=float, default=0.999, help="accepted for compatibility (GaLore-8bit only)")
     add("--update_proj_gap", type=int, default=500, help="StableSPAM/SPAM momentum-reset period")
     add("--weight_quant", action="store_true", help="accepted; inert like in the reference")
@@ -247,6 +247,8 @@ def _validate(args: argparse.Namespace) -> None:
     _require(not (args.fsdp and args.single_gpu), "--fsdp shards over several processes: drop --single_gpu")
     _require(args.fsdp or args.fsdp_param_dtype == "float32",
              f"--fsdp_param_dtype {args.fsdp_param_dtype} needs --fsdp (without it use --dtype bf16_mixed)")
+    _require(not (args.fsdp and args.spike_monitor),
+             "--spike_monitor does not support --fsdp's sharded parameters yet: drop one of them")
     if args.scheduler == "cosine_restarts":
         _require(args.cycle_length is not None,
                  "--scheduler cosine_restarts needs --cycle_length N (updates per cosine cycle)")

@@ -114,7 +114,10 @@ def save_checkpoint(save_dir: str | Path, *, model: nn.Module, optimizer: torch.
         _move_into_place(tmp, final)
         if keep_last > 0:
             for old in list(complete_checkpoints(save_dir).values())[:-keep_last]:
-                shutil.rmtree(old)
+                # Renamed first: a kill during the removal must not leave a partial checkpoint that looks complete.
+                doomed = old.with_name(f"{_TMP_PREFIX}pruned-{old.name}-{os.getpid()}")
+                old.rename(doomed)
+                shutil.rmtree(doomed)
     _barrier(world_size)
     return final
 

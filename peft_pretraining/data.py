@@ -345,7 +345,7 @@ def build_train_dataloader(source: DatasetSource, tokenizer, *, max_length: int,
 
 
 class ResumableBatches:
-    """Training batches whose position can be saved and continued from, exactly, with any worker count.
+    """Training batches whose position can be saved and continued from exactly (with the same worker count).
 
     A DataLoader hands out batches from its workers in turn (0, 1, ..., N-1, 0, ...). Each batch carries its
     worker's position; this keeps the latest position per worker and whose turn is next. A fresh DataLoader

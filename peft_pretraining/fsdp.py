@@ -4,7 +4,8 @@
 (cuda/nccl or cpu/gloo), in place: build the optimizer after `shard_model`, so it holds the sharded
 parameters. StableSPAM and SPAM then compute their per-tensor statistics over whole tensors (see
 `galore_torch.sharded`). Gathered full state dicts (`torch.distributed.checkpoint.state_dict`) are the
-checkpoint format, so a checkpoint does not depend on the world size.
+checkpoint format, so weights and optimizer state are stored unsharded (resuming exactly still needs the same
+world size: the data position and RNG states are per rank).
 """
 
 import torch

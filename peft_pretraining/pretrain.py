@@ -18,7 +18,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers.utils import logging as hf_logging
 
-from galore_torch import get_optimizer_class
 from peft_pretraining.args import parse_args, resolve_batch_arithmetic
 from peft_pretraining.checkpoint import (
     TrainingState,
@@ -47,7 +46,7 @@ from peft_pretraining.model import (
 )
 from peft_pretraining.optim import build_optimizer
 from peft_pretraining.preflight import check_run_inputs
-from peft_pretraining.rng import capture_rng_state, restore_rng_state
+from peft_pretraining.rng import capture_rng_state, check_rng_state, restore_rng_state
 from peft_pretraining.schedules import build_scheduler
 from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
@@ -130,7 +129,6 @@ def _as_usage_error():
 def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
     """Everything before the first update; cheap checks first so user mistakes fail fast."""
     hf_logging.disable_progress_bar()
-    get_optimizer_class(args.optimizer)  # fail on an unknown name before loading anything
     config = load_llama_config(args.model_config, max_length=args.max_length)
     weight_quant, act_quant = quant_configs_from_args(args)
     source = resolve_dataset(args.dataset)
@@ -175,6 +173,10 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
                                                   world_size=ctx.world_size, num_workers=args.workers,
                                                   seed=DATA_SHUFFLE_SEED, packing=args.packing,
                                                   state=resumed.data_state, state_file=resumed.rank_file)
+    # The monitor's sums are the same on every rank (gradients are all-reduced) and only rank 0 logs.
+    spike_monitor = (GradientSpikeMonitor(model.named_parameters(), threshold=args.spike_threshold,
+                                          every=args.spike_every) if args.spike_monitor and ctx.is_main else None)
+    _check_resumable(resumed, model, spike_monitor)
     logger = _start_logging(args, ctx, run_config, argv,
                             resumed_step=state.update_step if args.continue_from is not None else None)
 
@@ -186,8 +188,6 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
                              grad_clipping=args.grad_clipping, eval_every=args.eval_every,
                              save_every=args.save_every, autocast_dtype=autocast_dtype,
                              max_skipped_updates=args.max_skipped_updates)
-    spike_monitor = (GradientSpikeMonitor(model.named_parameters(), threshold=args.spike_threshold,
-                                          every=args.spike_every) if args.spike_monitor else None)
     trainer = Trainer(model=wrapped, optimizer=optimizer, scheduler=scheduler, batches=train_batches,
                       settings=settings, ctx=ctx, logger=logger, state=state, evaluate=evaluate_now, save=save,
                       spike_monitor=spike_monitor)
@@ -196,6 +196,18 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
         # Last: setup above may draw random numbers (and torch's optimizer-state loader may step once).
         restore_rng_state(model, resumed.rng_state, source=resumed.rank_file)
     return _PreparedRun(args=args, ctx=ctx, model=model, trainer=trainer, logger=logger, evaluate_now=evaluate_now)
+
+
+def _check_resumable(resumed: "_Resumed", model: nn.Module, spike_monitor: GradientSpikeMonitor | None) -> None:
+    """What is restored only after the run's first writes must be known to fit before them."""
+    if resumed.rng_state is not None:
+        check_rng_state(model, resumed.rng_state, source=resumed.rank_file)
+    monitor_state = resumed.trainer_state.get("spike_monitor")
+    if spike_monitor is not None and monitor_state is not None:
+        try:
+            spike_monitor.check_state_dict(monitor_state)
+        except ValueError as err:
+            raise ValueError(f"{resumed.rank_file}: {err}") from err
 
 
 def _build_seeded_model(args, ctx: DistributedContext, config, weight_quant, act_quant) -> tuple[nn.Module, list]:

@@ -32,9 +32,21 @@ def capture_rng_state(model: nn.Module) -> dict:
     }
 
 
+def check_rng_state(model: nn.Module, state: dict, *, source: str) -> None:
+    """Raise ValueError (one line naming `source`) unless the saved generators fit this process and model."""
+    if torch.cuda.is_available() and state["cuda"] and len(state["cuda"]) != torch.cuda.device_count():
+        raise ValueError(f"{source}: saved RNG states for {len(state['cuda'])} CUDA devices, this process sees "
+                         f"{torch.cuda.device_count()}; resume with the same devices visible")
+    generators = module_generators(model)
+    if set(generators) != set(state["modules"]):
+        raise ValueError(f"{source}: saved stochastic-rounding generators for {sorted(state['modules'])}, this model "
+                         f"has {sorted(generators)}; resume with the same quantization flags")
+
+
 def restore_rng_state(model: nn.Module, state: dict, *, source: str) -> None:
     """Put every generator back; call it last, after anything during setup that may draw random numbers.
     `source` (the file it came from) names the mismatch when the state does not fit this run."""
+    check_rng_state(model, state, source=source)
     version, mt_state, gauss = state["python"]
     random.setstate((version, tuple(mt_state), gauss))
     saved_numpy = state["numpy"]
@@ -42,13 +54,6 @@ def restore_rng_state(model: nn.Module, state: dict, *, source: str) -> None:
                          saved_numpy["position"], saved_numpy["has_gauss"], saved_numpy["cached_gauss"]))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
-        if len(state["cuda"]) != torch.cuda.device_count():
-            raise ValueError(f"{source}: saved RNG states for {len(state['cuda'])} CUDA devices, this process sees "
-                             f"{torch.cuda.device_count()}; resume with the same devices visible")
         torch.cuda.set_rng_state_all(state["cuda"])
-    generators = module_generators(model)
-    if set(generators) != set(state["modules"]):
-        raise ValueError(f"{source}: saved stochastic-rounding generators for {sorted(state['modules'])}, this model "
-                         f"has {sorted(generators)}; resume with the same quantization flags")
-    for name, generator in generators.items():
+    for name, generator in module_generators(model).items():
         generator.set_state(state["modules"][name])

@@ -171,6 +171,13 @@ class GradientSpikeMonitor:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict()` output into a monitor built over the same parameters (and options)."""
+        self.check_state_dict(state)
+        for name, tracked in self._tracked.items():
+            tracked.abs_sum.copy_(state["abs_sums"][name]).clamp_min_(_TINY)  # a state saved with 0-based sums
+            tracked.observations = int(state["observations"][name])
+
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ValueError (one line) unless `state` fits this monitor: lets a resume fail before it writes."""
         saved, expected = set(state["abs_sums"]), set(self._tracked)
         if saved != expected:
             raise ValueError(f"spike monitor state covers {len(saved)} tensors but this monitor tracks "
@@ -182,8 +189,6 @@ class GradientSpikeMonitor:
             if abs_sum.shape != tracked.abs_sum.shape:
                 raise ValueError(f"spike monitor state for {name} has shape {tuple(abs_sum.shape)}, the "
                                  f"parameter {tuple(tracked.abs_sum.shape)}; resume with the same model config")
-            tracked.abs_sum.copy_(abs_sum).clamp_min_(_TINY)  # a state saved with 0-based sums
-            tracked.observations = int(state["observations"][name])
 
 
 @torch.no_grad()

@@ -14,8 +14,8 @@ move with applied updates only, so a run with skips reads `num_training_steps + 
 data. `skipped_updates` (the running total) is on every update's log line; a skipped attempt logs
 `skipped_updates` and `skipped_in_a_row` under the step number it would have had. More than
 `max_skipped_updates` skipped updates in a row stop the run: the last good state (the weights and optimizer
-of the last applied update) is checkpointed through `save` unless that update was just saved, then
-NonFiniteLossError is raised.
+of the last applied update) is checkpointed through `save` unless that update was just saved, a record
+`{"step", "diverged": true, "skipped_in_a_row"}` is logged, then NonFiniteLossError is raised.
 
 Host syncs: one per update, before the optimizer step (the skip decision needs it); micro-batches never wait
 for the device. Values that exist only after the step (SPAM's post-clip norm, the spike monitor's scores and
@@ -113,7 +113,7 @@ class Trainer:
     def train(self) -> TrainingState:
         settings, state = self.settings, self.state
         batches = iter(self.batches)
-        saved_at = None
+        saved_at = state.update_step or None  # a resumed run's checkpoint is already on disk
         self.logger.start_progress(settings.num_training_steps, state.update_step)
         self.model.train()
         while state.update_step < settings.num_training_steps:
@@ -248,7 +248,8 @@ class Trainer:
                          f"({self.skipped_in_a_row} in a row, {self.skipped_updates} in all)")
 
     def _stop(self, saved_at: int | None) -> None:
-        """Checkpoint the last good state (if it is not on disk yet) and raise NonFiniteLossError."""
+        """Checkpoint the last good state (if it is not on disk yet), log a `diverged` record (so tools reading
+        metrics.jsonl, e.g. scripts/sweep.py, see the stop) and raise NonFiniteLossError."""
         state, settings = self.state, self.settings
         self._flush_log()
         self.logger.close_progress()
@@ -256,11 +257,14 @@ class Trainer:
             kept = "no checkpoint hook"
         elif saved_at == state.update_step:
             kept = f"the last good state is checkpoint {state.update_step}"
+        elif state.update_step == 0:
+            kept = "no update was applied, so there is nothing to save"
         elif self._weights_finite():
             self.save(state)
             kept = f"the last good state is saved as checkpoint {state.update_step}"
         else:
             kept = "the weights themselves are non-finite, not saved; resume from an earlier checkpoint"
+        self.logger.log({"diverged": True, "skipped_in_a_row": self.skipped_in_a_row}, step=state.update_step + 1)
         raise NonFiniteLossError(
             f"{self.skipped_in_a_row} non-finite updates in a row after update {state.update_step} "
             f"(--max_skipped_updates {settings.max_skipped_updates}); {kept}; lower --lr or set --grad_clipping")

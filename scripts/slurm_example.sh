@@ -7,7 +7,9 @@
 # `scontrol requeue`, preemption or a resubmission continue where the last checkpoint left off.
 #
 #   sbatch scripts/slurm_example.sh                          # 2 nodes x 8 GPUs
-#   sbatch --nodes 4 scripts/slurm_example.sh                # the batch per update stays TOTAL_BATCH
+#   sbatch --nodes 4 scripts/slurm_example.sh                # a new run (SAVE_DIR without checkpoints) on 4 nodes;
+#                                                            # the batch per update stays TOTAL_BATCH. A resume
+#                                                            # needs the node count of the run that saved.
 #   SAVE_DIR=/path/run1 sbatch scripts/slurm_example.sh --eval_every 500   # extra flags pass through
 #
 # Partition, account, modules and environments are site-specific: add them with sbatch options or in your
@@ -46,7 +48,7 @@ srun --kill-on-bad-exit=1 torchrun \
     "$ROOT/main_pretrain.py" \
     --model_config "$ROOT/configs/llama_1b.json" \
     --fsdp --fsdp_param_dtype bfloat16 --dtype float32 \
-    --optimizer stablespam --lr 2e-4 --gamma1 0.7 --gamma2 0.9 --gamma3 0.999 --update_proj_gap 1000 \
+    --optimizer stablespam --lr 2e-4 --gamma1 0.85 --gamma2 0.99999 --gamma3 0.999 --update_proj_gap 1000 \
     --total_T 20000 --num_training_steps 20000 --warmup_steps 2000 \
     --batch_size "$MICRO_BATCH" --total_batch_size "$TOTAL_BATCH" --max_length 256 \
     --eval_every 1000 --save_every 1000 --keep_last 3 \

@@ -7,6 +7,7 @@ measured to a file; each test then checks one part of it.
 """
 
 import copy
+import datetime
 import json
 import os
 import signal
@@ -247,7 +248,8 @@ def compiled_matches_eager(ctx: DistributedContext) -> float:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
+    # A rank that fails leaves the other waiting in a collective: time out instead of hanging the suite.
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(seconds=120))
     ctx = DistributedContext(rank=rank, local_rank=rank, world_size=WORLD_SIZE, device=torch.device("cpu"))
     try:
         results = {name: train_pair(name, ctx) for name in OPTIMIZERS}
@@ -398,7 +400,8 @@ def test_fsdp_flag_errors_are_one_line(tmp_path, capsys):
             "--unset_wandb", "--save_dir", str(tmp_path / "run")]
     for flags, message in ((["--fsdp"], "--fsdp needs 2 or more processes"),
                            (["--fsdp", "--single_gpu"], "--fsdp shards over several processes"),
-                           (["--fsdp_param_dtype", "bfloat16"], "--fsdp_param_dtype bfloat16 needs --fsdp")):
+                           (["--fsdp_param_dtype", "bfloat16"], "--fsdp_param_dtype bfloat16 needs --fsdp"),
+                           (["--fsdp", "--spike_monitor"], "--spike_monitor does not support --fsdp")):
         assert peft_pretraining.main([*base, *flags]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err

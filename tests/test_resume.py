@@ -154,9 +154,22 @@ def test_a_refused_resume_leaves_the_run_directory_untouched(tiny_config, tmp_pa
 
     other_workers = run_argv(tiny_config, run_dir, "--optimizer", "adamw", "--workers", "2", "--continue_from",
                              str(run_dir), "--resume_step", "2", "--restore_optimizer")
-    assert peft_pretraining.main(other_workers) == 2
+    assert peft_pretraining.main(other_workers) == 2  # the data position is per worker
     assert "--workers" in capsys.readouterr().err
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+def test_resuming_a_finished_run_leaves_its_final_checkpoint_alone(tiny_config, tmp_path):
+    """No update is left to run: the checkpoint it resumed from must not be rewritten (without
+    --restore_optimizer that would replace its optimizer state with a fresh one)."""
+    run_dir = tmp_path / "run"
+    peft_pretraining.run(run_argv(tiny_config, run_dir, "--optimizer", "stablespam", "--workers", "0"))
+    final = run_dir / f"model_{STEPS}"
+    before = {path.name: path.read_bytes() for path in final.iterdir()}
+    result = peft_pretraining.run(run_argv(tiny_config, run_dir, "--optimizer", "stablespam", "--workers", "0",
+                                           "--continue_from", str(run_dir)))
+    assert result.state.update_step == STEPS
+    assert {path.name: path.read_bytes() for path in final.iterdir()} == before
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
