@@ -5,10 +5,11 @@
         --lrs 1e-3,3e-3 --seeds 0,1,2 [--parallel 2] [--dry-run] -- --model_config configs/llama_9m.json ...
 
 Flags after `--` go to every run. Re-running the same command is safe and is how a sweep is resumed: a run
-whose metrics.jsonl has `final_eval_loss` is finished and skipped, and so is one that diverged (a non-finite
-loss is a result, not a failure); a run with a checkpoint is continued from it (`--continue_from <run dir>
---restore_optimizer`, its metrics after that checkpoint dropped as they will be logged again); anything else
-starts from scratch. Each run's output is appended to `<run dir>/sweep.log`.
+whose metrics.jsonl has `final_eval_loss` is finished and skipped, and so is one that diverged (the trainer
+stopped it and logged `diverged`, or a loss is non-finite: a result, not a failure, so it is not retried); a
+run with a checkpoint is continued from it (`--continue_from <run dir> --restore_optimizer`; main_pretrain drops
+its metrics after that checkpoint, as they are logged again); anything else starts from scratch. Each run's
+output is appended to `<run dir>/sweep.log`.
 Standard library only; the runs start with the Python that runs the sweep, unless --launcher says otherwise.
 """
 
@@ -39,7 +40,7 @@ FORMATS = {
     "mxfp4": ["--weight_format", "mxfp4", "--act_format", "mxfp4"],
     "nvfp4": ["--weight_format", "nvfp4", "--act_format", "nvfp4"],
 }
-# Optimizer presets; a name that is not here runs as `--optimizer NAME`.
+# Optimizer presets; a name that is not here (nor in STABLESPAM_PRESETS) runs as `--optimizer NAME`.
 OPTIMIZERS = {
     "adam": ["--optimizer", "adam"],
     "adam_clip": ["--optimizer", "adam", "--grad_clipping", "1.0"],
@@ -47,11 +48,17 @@ OPTIMIZERS = {
     "spam": ["--optimizer", "spam", "--density", "1.0", "--threshold", "5000"],
     "spam_corrected": ["--optimizer", "spam", "--density", "1.0", "--threshold", "5000",
                        "--optimizer_variant", "corrected"],
-    "stablespam": ["--optimizer", "stablespam"],
-    "stablespam_corrected": ["--optimizer", "stablespam", "--optimizer_variant", "corrected"],
 }
+# Stable-SPAM presets follow the papers' recipe for the run's format (Tables 6/7): gammas per precision, momentum
+# reset every 1000 updates, and total_T = the run's update count (stablespam_flags); the value is the variant.
+STABLESPAM_PRESETS = {"stablespam": [], "stablespam_corrected": ["--optimizer_variant", "corrected"]}
+FOUR_BIT_FORMATS = ("int4", "fp4", "mxfp4", "nvfp4")
+STABLESPAM_GAMMAS = {"4-bit": ("0.7", "0.9", "0.999"), "other": ("0.85", "0.99999", "0.999")}
+STABLESPAM_RESET_INTERVAL = "1000"
 # The grid sets these per run; passing them after `--` would silently give every run the same value.
 GRID_FLAGS = ("--lr", "--seed", "--optimizer", "--save_dir", "--continue_from", "--name")
+# The sweep reads these after `--` (total_T follows the update count), so they must be spelled in full.
+READ_FLAGS = ("--num_training_steps", "--max_train_tokens")
 
 
 @dataclass(frozen=True)
@@ -84,11 +91,45 @@ def parse_definitions(definitions: list[str], flag: str) -> dict[str, list[str]]
 
 
 def check_extra_flags(extra: list[str]) -> None:
+    """Refuse the grid's own flags, and abbreviations (main_pretrain.py's argparse accepts unambiguous prefixes,
+    so `--se 3` would be `--seed 3`) of every flag the sweep sets or reads."""
     for token in extra:
         flag = token.split("=", 1)[0]
+        if not flag.startswith("--") or flag == "--":
+            continue
         if flag in GRID_FLAGS:
             raise ValueError(f"{flag} after `--`: the sweep sets it per run; use --lrs, --seeds, --optimizers "
                              "or --root instead")
+        abbreviated = [full for full in GRID_FLAGS + READ_FLAGS if full != flag and full.startswith(flag)]
+        if abbreviated:
+            raise ValueError(f"{flag} after `--` abbreviates {abbreviated[0]}, which the sweep sets or reads; "
+                             "spell flags out in full")
+
+
+def flag_value(extra: list[str], flag: str) -> str | None:
+    """The value the last `flag V` or `flag=V` in `extra` gives (argparse's last-wins), else None."""
+    value = None
+    for index, token in enumerate(extra):
+        if token == flag and index + 1 < len(extra):
+            value = extra[index + 1]
+        elif token.startswith(f"{flag}="):
+            value = token.split("=", 1)[1]
+    return value
+
+
+def update_count(extra: list[str]) -> str | None:
+    """The runs' number of updates, when the flags after `--` fix it (--max_train_tokens overrides the count)."""
+    if flag_value(extra, "--max_train_tokens") is not None:
+        return None
+    return flag_value(extra, "--num_training_steps")
+
+
+def stablespam_flags(format_name: str, updates: str | None) -> list[str]:
+    """The papers' Stable-SPAM recipe for this format; total_T only when the update count is known."""
+    gamma1, gamma2, gamma3 = STABLESPAM_GAMMAS["4-bit" if format_name in FOUR_BIT_FORMATS else "other"]
+    flags = ["--optimizer", "stablespam", "--gamma1", gamma1, "--gamma2", gamma2, "--gamma3", gamma3,
+             "--update_proj_gap", STABLESPAM_RESET_INTERVAL]
+    return flags + (["--total_T", updates] if updates is not None else [])
 
 
 def check_grid(format_names: list[str], formats: dict, optimizer_names: list[str], lrs: list[str],
@@ -112,24 +153,42 @@ def check_grid(format_names: list[str], formats: dict, optimizer_names: list[str
             raise ValueError(f"--seeds: {seed!r} is not a non-negative integer")
 
 
+def optimizer_flags(name: str, format_name: str, defined: dict[str, list[str]], updates: str | None) -> list[str]:
+    """A user-defined preset as written, else a built-in one, else `--optimizer NAME`."""
+    if name in defined:
+        return defined[name]
+    if name in STABLESPAM_PRESETS:
+        return stablespam_flags(format_name, updates) + STABLESPAM_PRESETS[name]
+    return OPTIMIZERS.get(name, ["--optimizer", name])
+
+
 def plan_runs(args: argparse.Namespace) -> list[Run]:
     """Every grid point, in a stable order: format, optimizer, lr, seed."""
     formats = {**FORMATS, **parse_definitions(args.define_format, "--define-format")}
-    optimizers = {**OPTIMIZERS, **parse_definitions(args.define_optimizer, "--define-optimizer")}
+    defined_optimizers = parse_definitions(args.define_optimizer, "--define-optimizer")
     grid = [split_list(args.formats, "--formats"), split_list(args.optimizers, "--optimizers"),
             split_list(args.lrs, "--lrs"), split_list(args.seeds, "--seeds")]
     check_grid(grid[0], formats, *grid[1:])
     check_extra_flags(args.extra)
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable]
+    updates = update_count(args.extra)
     runs = []
     for format_name, optimizer_name, lr, seed in itertools.product(*grid):
         name = f"{format_name}-{optimizer_name}-lr{lr}-s{seed}"
         directory = Path(args.root) / name
         command = [*launcher, str(ENTRY_POINT), *formats[format_name],
-                   *optimizers.get(optimizer_name, ["--optimizer", optimizer_name]), *args.extra,
+                   *optimizer_flags(optimizer_name, format_name, defined_optimizers, updates), *args.extra,
                    "--lr", lr, "--seed", seed, "--save_dir", str(directory), "--name", name]
         runs.append(Run(name=name, directory=directory, command=command))
     return runs
+
+
+def total_t_unknown(args: argparse.Namespace) -> bool:
+    """A built-in Stable-SPAM preset is in the grid but the flags after `--` do not fix the update count."""
+    defined = parse_definitions(args.define_optimizer, "--define-optimizer")
+    presets = [name for name in split_list(args.optimizers, "--optimizers")
+               if name in STABLESPAM_PRESETS and name not in defined]
+    return bool(presets) and update_count(args.extra) is None
 
 
 def read_metrics(directory: Path) -> list[dict]:
@@ -152,22 +211,17 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def run_status(directory: Path) -> str:
-    """finished | diverged | resume | new."""
+    """finished | diverged | resume | new. Diverged: the trainer's stop record, or a non-finite loss (logs from
+    a trainer that did not skip non-finite updates)."""
     records = read_metrics(directory)
     if any("final_eval_loss" in record for record in records):
         return "finished"
+    if any(record.get("diverged") is True for record in records):
+        return "diverged"
     losses = [record["loss"] for record in records if "loss" in record]
     if losses and not math.isfinite(float(losses[-1])):
         return "diverged"
     return "resume" if latest_checkpoint(directory) is not None else "new"
-
-
-def trim_metrics(directory: Path, checkpoint: Path) -> None:
-    """Drop the records logged after the checkpoint a run resumes from: the resumed run logs those updates
-    again, and one record per update keeps the curves and tables right."""
-    update_step = json.loads((checkpoint / CHECKPOINT_DONE_FILE).read_text())["update_step"]
-    kept = [record for record in read_metrics(directory) if record.get("step", 0) <= update_step]
-    (directory / METRICS_FILE).write_text("".join(json.dumps(record) + "\n" for record in kept))
 
 
 def command_for(run: Run, status: str) -> list[str]:
@@ -176,11 +230,9 @@ def command_for(run: Run, status: str) -> list[str]:
     return run.command
 
 
-def execute(run: Run, status: str, position: str) -> bool:
-    """Train one run, its output appended to its sweep.log; True when it ended with a result."""
+def execute(run: Run, status: str, position: str) -> str:
+    """Train one run, its output appended to its sweep.log; returns its outcome: a run_status, or "failed"."""
     run.directory.mkdir(parents=True, exist_ok=True)
-    if status == "resume":
-        trim_metrics(run.directory, latest_checkpoint(run.directory))
     command = command_for(run, status)
     print(f"{position} {status:8s} {run.name}", flush=True)
     started = time.monotonic()
@@ -192,10 +244,10 @@ def execute(run: Run, status: str, position: str) -> bool:
     seconds = time.monotonic() - started
     if returncode == 0 or outcome == "diverged":
         print(f"{position} {outcome:8s} {run.name} ({seconds:.0f} s)", flush=True)
-        return True
+        return outcome
     print(f"{position} FAILED   {run.name} (exit {returncode} after {seconds:.0f} s; see "
           f"{run.directory / LOG_FILE})", flush=True)
-    return False
+    return "failed"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     statuses = [run_status(run.directory) for run in runs]
     counts = {status: statuses.count(status) for status in ("finished", "diverged", "resume", "new")}
     print(f"sweep: {len(runs)} runs under {args.root}: " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    if total_t_unknown(args):
+        print("sweep: note: the stablespam presets keep main_pretrain.py's --total_T 20000, as the update count "
+              "is not known here; pass --num_training_steps (not --max_train_tokens) after `--` to set it")
     if args.dry_run:
         for run, status in zip(runs, statuses):
             print(f"{status:8s} {run.name}")
@@ -247,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     pending = [(run, status) for run, status in zip(runs, statuses) if status in ("resume", "new")]
     positions = [f"[{index}/{len(pending)}]" for index in range(1, len(pending) + 1)]
     with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-        results = list(pool.map(lambda job: execute(*job[0], job[1]), zip(pending, positions)))
-    failed = results.count(False)
-    print(f"sweep: {len(pending) - failed} ran, {failed} failed, {len(runs) - len(pending)} skipped")
+        outcomes = list(pool.map(lambda job: execute(*job[0], job[1]), zip(pending, positions)))
+    failed = outcomes.count("failed")
+    print(f"sweep: {len(pending) - failed} ran ({outcomes.count('diverged')} diverged), {failed} failed, "
+          f"{len(runs) - len(pending)} skipped")
     return 1 if failed else 0
 
 

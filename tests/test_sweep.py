@@ -1,14 +1,18 @@
-"""scripts/sweep.py: the plan, a real two-run sweep on a tiny model, skipping finished runs, resuming an
-interrupted one from its checkpoint, and what counts as finished, diverged or failed."""
+"""scripts/sweep.py: the plan, the papers' Stable-SPAM recipe per format, a real two-run sweep on a tiny model
+(one run diverges), skipping finished and diverged runs, resuming an interrupted one from its checkpoint, and
+what counts as finished, diverged or failed."""
 
 import importlib.util
 import json
+import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from peft_pretraining.args import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = REPO / "scripts" / "sweep.py"
@@ -94,7 +98,10 @@ def test_run_status_reads_markers(tmp_path):
     with (run / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 2, "lo')  # a line cut short by a kill
     assert sweep.run_status(run) == "resume"
-    write_metrics(run, [{"step": 1, "loss": float("inf")}])
+    write_metrics(run, [{"step": 1, "loss": 3.0}, {"step": 2, "skipped_updates": 1, "skipped_in_a_row": 1},
+                        {"step": 2, "diverged": True, "skipped_in_a_row": 1}])  # the trainer's stop record
+    assert sweep.run_status(run) == "diverged"
+    write_metrics(run, [{"step": 1, "loss": float("inf")}])  # a trainer that logged the non-finite loss
     assert sweep.run_status(run) == "diverged"
     write_metrics(run, [{"step": 1, "eval_loss": 2.0, "final_eval_loss": 2.0}])
     assert sweep.run_status(run) == "finished"
@@ -108,11 +115,60 @@ def test_run_status_reads_markers(tmp_path):
     (["--define-optimizer", "nameonly"], "NAME=FLAGS"),
     (["--", "--seed", "3"], "--seed after `--`"),
     (["--", "--save_dir=x"], "--save_dir after `--`"),
+    (["--", "--see", "3"], "--see after `--` abbreviates --seed"),
+    (["--", "--num_train=5"], "--num_train after `--` abbreviates --num_training_steps"),
 ])
 def test_bad_grids_fail_with_one_line(tmp_path, argv, message):
     result = run_sweep("--root", str(tmp_path), "--dry-run", *argv)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_refused_abbreviations_never_catch_a_real_flag():
+    """A main_pretrain.py flag that is a strict prefix of one the sweep sets or reads would be refused wrongly."""
+    real_flags = {flag for flag in build_parser()._option_string_actions if flag.startswith("--")}
+    guarded = sweep.GRID_FLAGS + sweep.READ_FLAGS
+    assert set(guarded) <= real_flags
+    assert [(flag, full) for flag in real_flags for full in guarded if flag != full and full.startswith(flag)] == []
+
+
+def planned_commands(*argv: str) -> dict[str, list[str]]:
+    result = run_sweep("--dry-run", *argv)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    return {lines[i - 1].split()[1]: lines[i].split()[2:] for i, line in enumerate(lines) if line.startswith("   ")}
+
+
+def value_of(command: list[str], flag: str) -> str | None:
+    return command[command.index(flag) + 1] if flag in command else None
+
+
+def test_stablespam_presets_follow_the_papers_recipe_per_format(tmp_path):
+    commands = planned_commands("--root", str(tmp_path), "--formats", "bf16,int4,fp4,mxfp4,nvfp4,w8",
+                                "--define-format", "w8=--act_quant --weight_bits 8",
+                                "--optimizers", "stablespam,stablespam_corrected", "--",
+                                "--num_training_steps", "50", "--num_training_steps=120")
+    assert len(commands) == 12
+    for name, command in commands.items():
+        format_name, optimizer = name.split("-")[:2]
+        four_bit = format_name in ("int4", "fp4", "mxfp4", "nvfp4")
+        gammas = ("0.7", "0.9", "0.999") if four_bit else ("0.85", "0.99999", "0.999")
+        assert tuple(value_of(command, f"--gamma{i}") for i in (1, 2, 3)) == gammas, name
+        assert value_of(command, "--update_proj_gap") == "1000"
+        assert value_of(command, "--total_T") == "120"  # the last --num_training_steps, as argparse reads it
+        assert value_of(command, "--optimizer_variant") == ("corrected" if optimizer.endswith("corrected") else None)
+
+
+def test_stablespam_total_t_is_left_alone_and_said_so_when_the_update_count_is_unknown(tmp_path):
+    for extra in ([], ["--max_train_tokens", "1M", "--num_training_steps", "9"]):
+        result = run_sweep("--root", str(tmp_path), "--dry-run", "--optimizers", "adam,stablespam", "--", *extra)
+        note, commands = result.stdout.splitlines()[1], [line for line in result.stdout.splitlines() if "  /" in line]
+        assert "--total_T 20000" in note and "pass --num_training_steps" in note
+        assert len(commands) == 2 and all("--total_T" not in command for command in commands)
+    assert "note" not in run_sweep("--root", str(tmp_path), "--dry-run", "--optimizers", "adam").stdout
+    own = run_sweep("--root", str(tmp_path), "--dry-run", "--optimizers", "stablespam",
+                    "--define-optimizer", "stablespam=--optimizer stablespam --gamma1 0.5")
+    assert "note" not in own.stdout and "--gamma1 0.5 --lr" in own.stdout  # a redefined preset is used as written
 
 
 def test_defined_presets_replace_and_extend_the_built_in_ones(tmp_path):
@@ -130,29 +186,37 @@ def test_a_failing_run_is_reported_and_retried_next_time(tmp_path):
     root = tmp_path / "runs"
     result = run_sweep("--root", str(root), "--launcher", "false", "--lrs", "1e-3,2e-3", "--parallel", "2")
     assert result.returncode == 1
-    assert result.stdout.count("FAILED") == 2 and "0 ran, 2 failed" in result.stdout
+    assert result.stdout.count("FAILED") == 2 and "0 ran (0 diverged), 2 failed" in result.stdout
     assert (root / "bf16-adam-lr1e-3-s0" / "sweep.log").read_text().startswith("$ false ")
     assert "2 new" in run_sweep("--root", str(root), "--lrs", "1e-3,2e-3", "--dry-run").stdout
 
 
 @pytest.mark.slow
-def test_real_sweep_skips_finished_runs_and_resumes_an_interrupted_one(tiny_config, tmp_path):
+def test_real_sweep_skips_finished_and_diverged_runs_and_resumes_an_interrupted_one(tiny_config, tmp_path):
+    """lr 1e30 makes the tiny model's activations overflow by update 3; with --max_skipped_updates 0 the
+    trainer stops at the first non-finite update (exit 1), which the sweep reports as diverged, not failed."""
     root = tmp_path / "runs"
-    grid = ["--root", str(root), "--optimizers", "adam", "--lrs", "1e-3,2e-3", "--", "--model_config",
+    grid = ["--root", str(root), "--optimizers", "adam", "--lrs", "1e-3,1e30", "--", "--model_config",
             str(tiny_config), "--dataset", "sample", "--batch_size", "2", "--max_length", "32",
             "--num_training_steps", "3", "--warmup_steps", "1", "--eval_every", "3", "--save_every", "2",
-            "--eval_tokens", "64", "--workers", "0", "--unset_wandb"]
+            "--eval_tokens", "64", "--workers", "0", "--unset_wandb", "--max_skipped_updates", "0"]
     first = run_sweep(*grid)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "2 ran, 0 failed, 0 skipped" in first.stdout
-    runs = [root / "bf16-adam-lr1e-3-s0", root / "bf16-adam-lr2e-3-s0"]
+    assert "2 ran (1 diverged), 0 failed, 0 skipped" in first.stdout
+    runs = [root / "bf16-adam-lr1e-3-s0", root / "bf16-adam-lr1e30-s0"]
+    assert "diverged bf16-adam-lr1e30-s0" in first.stdout and "FAILED" not in first.stdout
+    assert sweep.run_status(runs[0]) == "finished" and sweep.run_status(runs[1]) == "diverged"
+    assert "training stopped" in (runs[1] / "sweep.log").read_text()
+    diverged_records = [json.loads(line) for line in (runs[1] / "metrics.jsonl").read_text().splitlines()]
+    assert diverged_records[-1]["diverged"] is True
+    assert all(math.isfinite(record["loss"]) for record in diverged_records if "loss" in record)
     for run in runs:
-        assert sweep.run_status(run) == "finished"
-        assert json.loads((run / "run_config.json").read_text())["lr"] == float(run.name.split("-lr")[1][:4])
+        assert json.loads((run / "run_config.json").read_text())["lr"] == float(run.name.split("-lr")[1][:-3])
 
     finished_metrics = [(run / "metrics.jsonl").read_text() for run in runs]
     second = run_sweep(*grid)
-    assert second.returncode == 0 and "0 ran, 0 failed, 2 skipped" in second.stdout
+    assert second.returncode == 0 and "0 ran (0 diverged), 0 failed, 2 skipped" in second.stdout
+    assert "1 finished, 1 diverged" in second.stdout  # the diverged run is not retried
     assert [(run / "metrics.jsonl").read_text() for run in runs] == finished_metrics
 
     # Interrupt the first run after update 3 was logged but before its checkpoint and final evaluation.
@@ -162,11 +226,13 @@ def test_real_sweep_skips_finished_runs_and_resumes_an_interrupted_one(tiny_conf
     write_metrics(interrupted, [record for record in records if "eval_loss" not in record])
     third = run_sweep(*grid)
     assert third.returncode == 0, third.stdout + third.stderr
-    assert "resume   bf16-adam-lr1e-3-s0" in third.stdout and "1 ran, 0 failed, 1 skipped" in third.stdout
+    assert "resume   bf16-adam-lr1e-3-s0" in third.stdout
+    assert "1 ran (0 diverged), 0 failed, 1 skipped" in third.stdout
     log = (interrupted / "sweep.log").read_text()
     assert f"--continue_from {interrupted} --restore_optimizer" in log
     resumed_line = next(line for line in log.splitlines() if line.startswith("Resumed from"))
     assert str(interrupted / "model_2") in resumed_line  # continued, not restarted
     resumed = [json.loads(line) for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
-    assert [record["step"] for record in resumed if "loss" in record] == [1, 2, 3]  # update 3 logged once
+    # main_pretrain dropped what the killed run logged past checkpoint 2: update 3 is logged once.
+    assert [record["step"] for record in resumed if "loss" in record] == [1, 2, 3]
     assert sweep.run_status(interrupted) == "finished"

@@ -5,19 +5,32 @@
 #   scripts/paper/launch.sh --list
 #
 # table1.sh / table2.sh name the same cells by optimizer, format and size. Extra flags go to main_pretrain.py
-# after the cell's own, so they win (e.g. --dataset sample, --workers 4, --continue_from DIR --restore_optimizer).
+# after the cell's own, so they win (e.g. --workers 4, --unset_wandb). Flags that the run name or the batch split
+# depend on are refused (use the variables below); --dataset, --optimizer_variant and --packing tag the run name.
+#
+# Relaunching the same cell resumes it: when the run directory holds a complete checkpoint
+# (model_<step>/training_state.json), --continue_from <run dir> --restore_optimizer is added (also what makes a
+# SLURM requeue continue). FRESH=1 insists on a fresh start and refuses a directory that holds checkpoints (move
+# or delete it first: a new run among old checkpoints would resume from them later).
 #
 # Environment (all optional):
 #   DRY_RUN=1 (or --dry-run)  print the resolved settings and the command, do not train
-#   NGPU                      processes per node (default: the GPUs nvidia-smi lists, else 1)
+#   NGPU                      processes per node (default: the GPUs CUDA_VISIBLE_DEVICES or SLURM_GPUS_ON_NODE
+#                             name, else those nvidia-smi lists, else 1)
 #   NNODES                    nodes (default 1); more than one needs RDZV_ENDPOINT=host:port (torchrun c10d
 #                             rendezvous, the same on every node) and optionally RDZV_ID (default: the run name)
 #   BATCH_SIZE                micro-batch per GPU (default: per size, at most 512 / GPUs); the total batch stays
 #                             512 sequences, the rest is gradient accumulation
 #   SEED                      --seed (default 0), part of the run name
 #   LR                        peak lr instead of the paper's, part of the run name
-#   STEPS                     updates instead of the paper's (StableSPAM's total_T follows), part of the run name
-#   RUNS_DIR                  parent of the run directory (default runs/paper); SAVE_EVERY (default 10000)
+#   STEPS                     updates instead of the paper's (StableSPAM's total_T follows, and the warm-up
+#                             becomes min(paper's, STEPS / 10)), part of the run name
+#   WARMUP                    lr warm-up updates instead of the above, part of the run name
+#   RESET                     spam/stablespam momentum-reset interval (--update_proj_gap) instead of the
+#                             paper's, part of the run name
+#   RUNS_DIR                  parent of the run directory (default runs/paper)
+#   SAVE_EVERY                checkpoint every N updates (default 1000; the newest 2 are kept)
+#   FRESH=1                   do not resume (see above)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -28,6 +41,12 @@ manifest="$here/cells.tsv"
 # pure bf16, cosine to 0.1 x lr, no weight decay, eval every 1000 updates on 10M tokens.
 TOTAL_BATCH=512
 MAX_LENGTH=256
+# Pass-through flags that would make the run name or the batch split stale. main_pretrain.py's argparse accepts
+# any unambiguous prefix of a flag (allow_abbrev), so a prefix of one of these is refused too.
+REFUSED_FLAGS=(--lr --seed --num_training_steps --max_train_tokens --warmup_steps --update_proj_gap --optimizer
+               --batch_size --total_batch_size --gradient_accumulation --max_length --save_dir --name)
+# Pass-through flags that tag the run name; they must be spelled out so the tag cannot be missed.
+TAGGING_FLAGS=(--dataset --optimizer_variant --packing)
 
 die() { echo "launch.sh: $*" >&2; exit 2; }
 
@@ -38,6 +57,88 @@ list_cells() {
     done
 }
 
+# The fix to suggest for a refused flag.
+refusal() {
+    case "$1" in
+        --lr) echo "pass the lr as LR=... (it is part of the run name)" ;;
+        --seed) echo "pass the seed as SEED=... (it is part of the run name)" ;;
+        --num_training_steps | --max_train_tokens) echo "pass the update count as STEPS=..." ;;
+        --warmup_steps) echo "pass the warm-up as WARMUP=..." ;;
+        --update_proj_gap) echo "pass the momentum-reset interval as RESET=..." ;;
+        --optimizer) echo "the cell id names the optimizer" ;;
+        --batch_size | --gradient_accumulation) echo "pass the micro-batch as BATCH_SIZE=..." ;;
+        --total_batch_size | --max_length) echo "every cell trains on $TOTAL_BATCH x $MAX_LENGTH tokens per update" ;;
+        --save_dir) echo "pass the parent directory as RUNS_DIR=... (the run name is derived)" ;;
+        --name) echo "the run name is derived from the settings" ;;
+    esac
+}
+
+# Refuse REFUSED_FLAGS and their prefixes, and prefixes of TAGGING_FLAGS.
+check_passthrough() {
+    local token flag refused tagging
+    for token in "$@"; do
+        flag="${token%%=*}"
+        [[ $flag == --?* ]] || continue
+        for refused in "${REFUSED_FLAGS[@]}"; do
+            if [[ $refused == "$flag"* ]]; then
+                [[ $flag == "$refused" ]] || die "$flag abbreviates $refused: $(refusal "$refused")"
+                die "$(refusal "$refused"), not $token"
+            fi
+        done
+        for tagging in "${TAGGING_FLAGS[@]}"; do
+            if [[ $tagging == "$flag"* && $flag != "$tagging" ]]; then
+                die "$flag abbreviates $tagging: spell it out, it tags the run name"
+            fi
+        done
+    done
+}
+
+# The run-name tags of the pass-through flags (argparse's last-wins for repeated flags).
+passthrough_tags() {
+    local dataset="" variant="" packing="" previous="" token
+    for token in "$@"; do
+        case "$previous" in
+            --dataset) dataset="$token" ;;
+            --optimizer_variant) variant="$token" ;;
+        esac
+        case "$token" in
+            --dataset=*) dataset="${token#*=}" ;;
+            --optimizer_variant=*) variant="${token#*=}" ;;
+            --packing) packing=1 ;;
+        esac
+        previous="$token"
+    done
+    dataset="$(basename "${dataset:-c4}")"
+    [[ $dataset == c4 ]] || printf -- '-%s' "${dataset//[^A-Za-z0-9._]/_}"
+    [[ $variant != corrected ]] || printf -- '-corrected'
+    [[ -z $packing ]] || printf -- '-packed'
+}
+
+# GPUs on this node: the ones the scheduler or CUDA_VISIBLE_DEVICES expose, else the ones nvidia-smi lists.
+visible_gpus() {
+    local ids
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+        IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+        echo "${#ids[@]}"
+    elif [[ ${SLURM_GPUS_ON_NODE:-} =~ ^[0-9]+$ ]]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    else
+        (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true
+    fi
+}
+
+# The step of the newest complete checkpoint (training_state.json is written last) in $1, or nothing.
+newest_checkpoint() {
+    local newest="" directory step
+    for directory in "$1"/model_*/; do
+        step="${directory%/}"
+        step="${step##*/model_}"
+        [[ $step =~ ^[0-9]+$ && -f $directory/training_state.json ]] || continue
+        if [[ -z $newest ]] || ((10#$step > 10#$newest)); then newest="$step"; fi
+    done
+    echo "$newest"
+}
+
 dry_run="${DRY_RUN:-0}"
 passthrough=()
 for arg in "$@"; do
@@ -46,26 +147,36 @@ done
 if [[ ${#passthrough[@]} -eq 0 ]]; then die "missing the cell id, e.g. t1-int4-350m-stablespam (see --list)"; fi
 if [[ ${passthrough[0]} == --list ]]; then list_cells; exit 0; fi
 cell="${passthrough[0]}"
-passthrough=("${passthrough[@]:1}")
-# These three name the run, so they come from the environment, where the run name can follow them.
-for arg in "${passthrough[@]}"; do
-    case "$arg" in
-        --lr | --lr=*) die "pass the lr as LR=... (it is part of the run name), not $arg" ;;
-        --seed | --seed=*) die "pass the seed as SEED=... (it is part of the run name), not $arg" ;;
-        --num_training_steps | --num_training_steps=*) die "pass the update count as STEPS=..., not $arg" ;;
-    esac
-done
+passthrough=(${passthrough[@]+"${passthrough[@]:1}"})
+check_passthrough ${passthrough[@]+"${passthrough[@]}"}
 
 row="$(grep -v '^#' "$manifest" | awk -F'\t' -v id="$cell" '$1 == id')"
 [[ -n $row ]] || die "unknown cell '$cell'; list the cells with: scripts/paper/launch.sh --list"
-IFS=$'\t' read -r _ paper_lr paper_steps warmup paper_ppl tokens <<<"$row"
+IFS=$'\t' read -r _ paper_lr paper_steps paper_warmup paper_ppl tokens <<<"$row"
 IFS=- read -r table format size optimizer <<<"$cell"
 
 lr="${LR:-$paper_lr}"
 steps="${STEPS:-$paper_steps}"
 seed="${SEED:-0}"
+save_every="${SAVE_EVERY:-1000}"
 [[ $seed =~ ^[0-9]+$ ]] || die "SEED=$seed: must be a non-negative integer"
 [[ $steps =~ ^[1-9][0-9]*$ ]] || die "STEPS=$steps: must be a positive integer"
+[[ $save_every =~ ^[1-9][0-9]*$ ]] || die "SAVE_EVERY=$save_every: must be a positive integer"
+# The paper's warm-up, shortened with a shorter run so that it still ends well before the last update.
+if [[ -n ${WARMUP:-} ]]; then
+    warmup="$WARMUP"
+    [[ $warmup =~ ^[0-9]+$ ]] || die "WARMUP=$warmup: must be a non-negative integer"
+elif [[ $steps != "$paper_steps" ]]; then
+    warmup=$((steps / 10 < paper_warmup ? steps / 10 : paper_warmup))
+else
+    warmup="$paper_warmup"
+fi
+((10#$warmup < 10#$steps)) || die "warm-up $warmup is not below the $steps updates; set WARMUP below STEPS"
+if [[ -n ${RESET:-} ]]; then
+    [[ $RESET =~ ^[1-9][0-9]*$ ]] || die "RESET=$RESET: must be a positive integer"
+    [[ $optimizer == spam || $optimizer == stablespam ]] ||
+        die "RESET=$RESET: only spam and stablespam reset their momentum, not $optimizer"
+fi
 
 # --- precision: what the reference code effectively ran (spec c.1) ---
 # INT4 = W4A4 integer simulation with group 256 for weights and activations, round-to-nearest: the published
@@ -84,24 +195,26 @@ case "$optimizer" in
     adam_clip) optimizer_flags=(--optimizer adam --grad_clipping 1.0) ;;
     adafactor) optimizer_flags=(--optimizer adafactor) ;;
     spam)
-        # SPAM paper: density 1.0, threshold 5000, reset every 500 updates. Post-reset warm-up: Table 2's SPAM
-        # numbers come from the SPAM repo, whose code passed the lr warm-up (1000) as the post-reset warm-up
-        # (spec b.6); Table 1's were run with the StableSPAM repo, whose SPAM used its default 150.
-        if [[ $table == t2 ]]; then spam_warmup="$warmup"; else spam_warmup=150; fi
-        optimizer_flags=(--optimizer spam --density 1.0 --threshold 5000 --update_proj_gap 500
-                         --warmup_epoch "$spam_warmup" --grad_accu_steps 20) ;;
+        # Density 1.0, reset every 500 updates; threshold and post-reset warm-up as the code behind each table
+        # ran them. Table 1's SPAM ran in the StableSPAM repo, whose SPAM has no flag for either and used its
+        # constructor defaults, threshold 2000 and warm-up 150 (spec b.1). Table 2's SPAM numbers are the SPAM
+        # paper's: threshold 5000, and its code passed the lr warm-up as the post-reset warm-up (spec b.6).
+        if [[ $table == t2 ]]; then spam_threshold=5000 spam_warmup="$warmup"
+        else spam_threshold=2000 spam_warmup=150; fi
+        optimizer_flags=(--optimizer spam --density 1.0 --threshold "$spam_threshold"
+                         --update_proj_gap "${RESET:-500}" --warmup_epoch "$spam_warmup" --grad_accu_steps 20) ;;
     stablespam)
-        # Tables 6/7: gammas per precision, momentum reset every 1000 updates (the 4-bit scripts' 500 is one
-        # of the script mistakes the authors acknowledged in StableSPAM issue #3), total_T = the update count.
+        # Tables 6/7: gammas per precision, momentum reset every 1000 updates, total_T = the update count.
+        # Table 6 says 1000; the only published 4-bit commands use 500 (RESET=500 runs those).
         if [[ $format == bf16 ]]; then gammas=(0.85 0.99999 0.999); else gammas=(0.7 0.9 0.999); fi
         optimizer_flags=(--optimizer stablespam --gamma1 "${gammas[0]}" --gamma2 "${gammas[1]}"
-                         --gamma3 "${gammas[2]}" --update_proj_gap 1000 --total_T "$steps" --eta 0.5) ;;
+                         --gamma3 "${gammas[2]}" --update_proj_gap "${RESET:-1000}" --total_T "$steps" --eta 0.5) ;;
     *) die "cell '$cell': unknown optimizer '$optimizer'" ;;
 esac
 
 # --- processes and batch ---
 if [[ -z ${NGPU:-} ]]; then
-    NGPU="$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)"
+    NGPU="$(visible_gpus)"
     [[ $NGPU -gt 0 ]] || NGPU=1
 fi
 nnodes="${NNODES:-1}"
@@ -127,24 +240,40 @@ fi
 # --- names: derived from the settings, never typed ---
 run_name="$cell-lr$lr-s$seed"
 [[ $steps == "$paper_steps" ]] || run_name="$run_name-n$steps"
+[[ -z ${WARMUP:-} ]] || run_name="$run_name-w$warmup"
+[[ -z ${RESET:-} ]] || run_name="$run_name-r$RESET"
+run_name="$run_name$(passthrough_tags ${passthrough[@]+"${passthrough[@]}"})"
 save_dir="${RUNS_DIR:-runs/paper}/$run_name"
 if ((nnodes > 1)); then
     launcher=(torchrun --nnodes "$nnodes" --nproc_per_node "$NGPU" --rdzv_backend c10d
               --rdzv_endpoint "$RDZV_ENDPOINT" --rdzv_id "${RDZV_ID:-$run_name}")
 fi
 
+# --- resume: continue from the newest complete checkpoint of this run, unless FRESH=1 ---
+checkpoint="$(newest_checkpoint "$save_dir")"
+resume_flags=()
+if [[ ${FRESH:-0} == 1 ]]; then
+    [[ -z $checkpoint ]] || die "FRESH=1 but $save_dir holds checkpoint model_$checkpoint; move or delete it first"
+    start="fresh start (FRESH=1)"
+elif [[ -n $checkpoint ]]; then
+    resume_flags=(--continue_from "$save_dir" --restore_optimizer)
+    start="resumes from $save_dir/model_$checkpoint"
+else
+    start="fresh start"
+fi
+
 command=("${launcher[@]}" "$repo/main_pretrain.py"
     --model_config "$repo/configs/llama_$size.json"
     --dtype bfloat16 --max_length "$MAX_LENGTH" --batch_size "$micro" --total_batch_size "$TOTAL_BATCH"
     --lr "$lr" --warmup_steps "$warmup" --num_training_steps "$steps" --scheduler cosine --min_lr_ratio 0.1
-    --weight_decay 0 --eval_every 1000 --save_every "${SAVE_EVERY:-10000}" --seed "$seed"
-    "${precision_flags[@]}" "${optimizer_flags[@]}"
+    --weight_decay 0 --eval_every 1000 --save_every "$save_every" --keep_last 2 --seed "$seed"
+    ${precision_flags[@]+"${precision_flags[@]}"} "${optimizer_flags[@]}"
     --project stablespam-paper --name "$run_name" --save_dir "$save_dir"
-    "${passthrough[@]}")
+    ${resume_flags[@]+"${resume_flags[@]}"} ${passthrough[@]+"${passthrough[@]}"})
 
-echo "# $run_name: $table $format $size $optimizer, lr $lr, $steps updates x $TOTAL_BATCH x $MAX_LENGTH tokens" \
-     "(paper: $tokens), $nnodes node(s) x $NGPU GPU(s) x micro-batch $micro x accumulation $accumulation," \
-     "paper ppl $paper_ppl, save_dir $save_dir"
+echo "# $run_name: $table $format $size $optimizer, lr $lr, $steps updates (warm-up $warmup) x $TOTAL_BATCH x" \
+     "$MAX_LENGTH tokens (paper: $tokens), $nnodes node(s) x $NGPU GPU(s) x micro-batch $micro x accumulation" \
+     "$accumulation, paper ppl $paper_ppl, save_dir $save_dir, $start"
 printf '%q ' "${command[@]}"
 echo
 if [[ $dry_run == 1 ]]; then exit 0; fi
