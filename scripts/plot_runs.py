@@ -31,8 +31,8 @@ METRICS_FILE = "metrics.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
 TABLE_FILE = "final_ppl.md"
 # Candidate legend keys, in legend order; only those whose values differ between the runs are shown.
-DEFAULT_LABEL_KEYS = ("model_config", "optimizer", "optimizer_variant", "weight_format", "act_format", "fp4",
-                      "act_quant", "weight_bits", "dtype", "lr", "seed")
+DEFAULT_LABEL_KEYS = ("model_config", "optimizer", "optimizer_variant", "grad_clipping", "update_proj_gap",
+                      "weight_format", "act_format", "fp4", "act_quant", "weight_bits", "dtype", "lr", "seed")
 # Flags that name, place or schedule a run's bookkeeping without changing what it learns: ignored when
 # grouping runs for the table (the seed too: groups are the seeds of one setting).
 NOT_SETTINGS = frozenset({"seed", "name", "save_dir", "tags", "project", "entity", "unset_wandb", "workers",

@@ -102,6 +102,9 @@ def test_legend_shows_only_differing_settings_else_the_directory(tmp_path):
     assert plot_runs.run_labels([adam, stable], ["model_config", "lr"]) == [
         "model_config=llama_9m lr=0.001", "model_config=llama_9m lr=0.0004"]
     assert plot_runs.run_labels([adam, adam], ["lr"]) == ["lr=0.001 (run_a)", "lr=0.001 (run_a)"]
+    plain = plot_runs.Run(tmp_path / "run_e", config("adam", 0, grad_clipping=0.0), [])
+    clipped = plot_runs.Run(tmp_path / "run_f", config("adam", 0, grad_clipping=1.0), [])
+    assert plot_runs.run_labels([plain, clipped]) == ["grad_clipping=0", "grad_clipping=1"]  # Adam+GradClip
 
 
 def test_resumed_log_keeps_each_step_once_from_the_latest_segment():
