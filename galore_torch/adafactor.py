@@ -7,7 +7,12 @@ from typing import Any
 
 import torch
 
-from galore_torch.base import reject_sparse_grad, validate_non_negative, validate_unit_interval
+from galore_torch.base import (
+    evaluate_closure,
+    reject_sparse_grad,
+    validate_non_negative,
+    validate_unit_interval,
+)
 
 # Params stored in half precision are updated in fp32 and copied back, so small updates are not rounded away.
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -173,10 +178,7 @@ class Adafactor(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every param with a gradient; returns the closure's loss (None without a closure)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group_index, group in enumerate(self.param_groups):
             for param_index, param in enumerate(group["params"]):
                 if param.grad is None:

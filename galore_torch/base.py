@@ -1,6 +1,10 @@
-"""Argument validators shared by the optimizers: each raises ValueError naming the argument."""
+"""What the optimizers share: argument validators (each raises ValueError naming the argument) and closure
+evaluation."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
 
 
 def validate_non_negative(value: float, name: str) -> None:
@@ -63,3 +67,11 @@ def validate_group_hyperparameters(group: dict, index: int) -> None:
     for key, check in checks.items():
         if key in group:
             check(group[key], f"param group {index} {key}")
+
+
+def evaluate_closure(closure: Callable[[], Any] | None) -> Any:
+    """The closure's loss (None without one), computed with grad enabled: `step()` itself runs under no_grad."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 from galore_torch.base import (
+    evaluate_closure,
     reject_sparse_grad,
     validate_betas,
     validate_group_hyperparameters,
@@ -61,10 +62,7 @@ class Lion(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every param with a gradient; returns the closure's loss (None without a closure)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         for group_index, group in enumerate(self.param_groups):
             buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list, list]] = {}
             for param_index, p in enumerate(group["params"]):

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from galore_torch.base import (
+    evaluate_closure,
     reject_sparse_grad,
     validate_betas,
     validate_group_hyperparameters,
@@ -296,10 +297,7 @@ class SPAM(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every param with a gradient; returns the closure's loss (None without a closure)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         n = self.total_step + 1
         scale = warmup_scale(self.current_step, self.warmup_epoch)
         buckets, rules, shard_groups = self._prepare_buckets(n, scale)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from galore_torch.base import (
+    evaluate_closure,
     reject_sparse_grad,
     validate_betas,
     validate_closed_unit_interval,
@@ -435,10 +436,7 @@ class StableSPAM(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One update of every param with a gradient; returns the closure's loss (None without a closure)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = evaluate_closure(closure)
         t = self.total_steps + 1
         self.param_groups[0]["total_steps"] = t
         scale = cosine_scale(t, self.total_T, self.eta_min, clamp=self.variant == "corrected")
