@@ -190,17 +190,6 @@ def test_max_skipped_updates_zero_stops_at_the_first_and_saves_the_last_good_sta
 
 # ---------------------------------------------------------------------------------------- the command line
 
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    """hidden 64, 2 layers; vocab 32000 to fit the built-in tokenizer."""
-    path = tmp_path_factory.mktemp("config") / "llama_tiny.json"
-    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                "num_attention_heads": 4, "vocab_size": 32000, "max_sequence_length": 64,
-                                "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": 0.02,
-                                "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": -1, "model_type": "llama"}))
-    return path
-
-
 def test_persistent_nan_exits_1_with_one_line_and_a_finite_last_good_checkpoint(tiny_config, tmp_path,
                                                                                    monkeypatch, capsys):
     built = []

@@ -25,16 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 5
 
 
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("config") / "llama_tiny.json"
-    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                "num_attention_heads": 4, "vocab_size": 32000, "max_sequence_length": 32,
-                                "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": 0.02,
-                                "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": -1, "model_type": "llama"}))
-    return path
-
-
 def run_argv(config: Path, save_dir: Path, *flags: str) -> list[str]:
     return ["--model_config", str(config), "--dataset", "sample", "--tokenizer", "builtin", "--dtype", "float32",
             "--batch_size", "2", "--max_length", "32", "--lr", "1e-2", "--warmup_steps", "2",

@@ -43,16 +43,6 @@ def fake_checkpoint(directory: Path, step: int) -> None:
     (checkpoint / "training_state.json").write_text(json.dumps({"update_step": step}))
 
 
-@pytest.fixture()
-def tiny_config(tmp_path) -> Path:
-    path = tmp_path / "llama_tiny.json"
-    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                "num_attention_heads": 4, "vocab_size": 32000, "max_sequence_length": 64,
-                                "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": 0.02,
-                                "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": -1, "model_type": "llama"}))
-    return path
-
-
 def test_dry_run_prints_the_plan_and_touches_nothing(tmp_path):
     root = tmp_path / "runs"
     result = run_sweep("--root", str(root), "--formats", "bf16,int4", "--optimizers", "adam_clip,stablespam_corrected",

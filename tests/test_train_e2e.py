@@ -21,17 +21,6 @@ UPDATE_KEYS = {"step", "loss", "lr", "tokens_seen", "throughput_tokens", "throug
 EVAL_KEYS = {"step", "eval_loss", "eval_ppl", "eval_tokens", "eval_loss_reference"}
 
 
-@pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory) -> Path:
-    """hidden 64, 2 layers, 4 heads; vocab 32000 to fit the built-in tokenizer."""
-    path = tmp_path_factory.mktemp("config") / "llama_tiny.json"
-    path.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                                "num_attention_heads": 4, "vocab_size": 32000, "max_sequence_length": 64,
-                                "hidden_act": "silu", "rms_norm_eps": 1e-6, "initializer_range": 0.02,
-                                "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": -1, "model_type": "llama"}))
-    return path
-
-
 def run_argv(config: Path, save_dir: Path, *flags: str) -> list[str]:
     return ["--model_config", str(config), "--dataset", "sample", "--batch_size", "2", "--max_length", "32",
             "--lr", "1e-2", "--warmup_steps", "2", "--num_training_steps", "8", "--eval_tokens", "256",
