@@ -132,14 +132,6 @@ def test_step_returns_closure_loss_skips_params_without_grad_and_leaves_grad_unt
     assert torch.equal(skipped, torch.ones(2)) and skipped not in optimizer.state
 
 
-def test_sparse_gradients_are_refused():
-    embedding = torch.nn.Embedding(10, 3, sparse=True)
-    optimizer = Adafactor(embedding.parameters(), lr=1e-2)
-    embedding(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(ValueError, match="sparse"):
-        optimizer.step()
-
-
 @pytest.mark.parametrize("kwargs, message", [
     ({}, "lr: None needs relative_step=True"),
     ({"lr": 1e-2, "relative_step": True}, "lr: 0.01 with relative_step=True"),

@@ -99,14 +99,6 @@ def test_bf16_params():
         assert not torch.equal(p, old)
 
 
-def test_sparse_gradients_are_refused():
-    embedding = torch.nn.Embedding(10, 3, sparse=True)
-    opt = Lion(embedding.parameters())
-    embedding(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(ValueError, match="sparse"):
-        opt.step()
-
-
 @pytest.mark.parametrize("kwargs, name", [
     ({"lr": -1e-4}, "lr"),
     ({"betas": (1.0, 0.99)}, "betas"),

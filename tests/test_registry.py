@@ -24,3 +24,13 @@ def test_project_optimizers_registered():
     assert get_optimizer_class("Adafactor") is Adafactor  # the reference's (transformers') Adafactor, not torch's
     assert get_optimizer_class("spam") is SPAM
     assert get_optimizer_class("lion") is Lion
+
+
+@pytest.mark.parametrize("name", ["adafactor", "lion", "spam", "stablespam"])
+def test_our_optimizers_refuse_sparse_gradients(name):
+    """Sparse gradients would silently skip the dense foreach/compiled paths: refused with one line instead."""
+    embedding = torch.nn.Embedding(10, 3, sparse=True)
+    optimizer = get_optimizer_class(name)(embedding.parameters(), lr=1e-3)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        optimizer.step()

@@ -531,14 +531,6 @@ def test_loss_decreases_on_a_tiny_regression():
     assert losses[-1] < 0.1 * losses[0]
 
 
-def test_sparse_gradient_raises():
-    p = torch.nn.Parameter(torch.zeros(4, 3))
-    optimizer = SPAM([p])
-    p.grad = torch.zeros(4, 3).to_sparse()
-    with pytest.raises(ValueError, match="sparse"):
-        optimizer.step()
-
-
 @pytest.mark.parametrize("kwargs, name", [
     ({"lr": -1.0}, "lr"),
     ({"eps": -1e-8}, "eps"),

@@ -492,14 +492,6 @@ def test_bf16_moving_averages_stall_where_the_original_stalls(fp32_state):
     assert state["exp_avg_sq"].item() == pytest.approx(expected, rel=1e-3)
 
 
-def test_sparse_gradients_are_refused():
-    embedding = torch.nn.Embedding(10, 3, sparse=True)
-    opt = StableSPAM(embedding.parameters())
-    embedding(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(ValueError, match="sparse"):
-        opt.step()
-
-
 @pytest.mark.parametrize("kwargs, name", [
     ({"lr": -1.0}, "lr"),
     ({"eps": -1e-8}, "eps"),
