@@ -160,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--spike_every", type=int, default=10, help="--spike_monitor: observe every N updates")
     new.add_argument("--spike_threshold", type=float, default=50.0,
                      help="--spike_monitor: a gradient element is a spike above this score (SPAM: 50)")
+    new.add_argument("--compile", action="store_true",
+                     help="torch.compile each decoder layer (with its quantized linears) and use the optimizer's "
+                          "compiled (StableSPAM, SPAM) or fused (Adam, AdamW) step (off by default: see the README)")
+    new.add_argument("--peak_tflops", type=float, default=None,
+                     help="peak TFLOP/s of one device, for the logged MFU (default: the bf16 peak of a known GPU; "
+                          "none on CPU)")
     return p
 
 
@@ -226,6 +232,8 @@ def _validate(args: argparse.Namespace) -> None:
     _require(args.spike_every >= 1, f"--spike_every {args.spike_every}: must be >= 1 (observe every N updates)")
     _require(0.0 < args.spike_threshold < float("inf"),
              f"--spike_threshold {args.spike_threshold}: must be a positive number (SPAM uses 50)")
+    _require(args.peak_tflops is None or 0.0 < args.peak_tflops < float("inf"),
+             f"--peak_tflops {args.peak_tflops}: must be a positive number (TFLOP/s of one device)")
     _require(args.max_length >= 2, f"--max_length {args.max_length}: must be at least 2 (a token and EOS)")
     for flag in _DECAY_FLAGS:
         value = getattr(args, flag)

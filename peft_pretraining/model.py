@@ -153,6 +153,20 @@ def build_model(config: LlamaConfig, *, dtype: str, device: torch.device,
     return model, quantized
 
 
+def compile_layers(model: LlamaForCausalLM) -> int:
+    """Regional compilation: compile each decoder layer's forward (its quantized linears included) on its own.
+
+    All layers share one compiled graph (torch treats their parameters as inputs), so cold-compile time does
+    not grow with depth. Only `forward` is compiled, not the module call: module hooks (FSDP2's all-gathers,
+    DDP's) and HF's activation checkpointing stay outside the graph, and parameter names (checkpoints) do
+    not change. The embedding, final norm, lm_head and loss stay eager. Returns the number of layers.
+    """
+    layers = model.model.layers
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(total, trainable) parameter counts."""
     total = sum(p.numel() for p in model.parameters())

@@ -41,6 +41,22 @@ _EXTRA_ARGUMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {
 }
 
 
+# torch's optimizers with a fused (one multi-tensor kernel) step, used under --compile.
+_FUSED_OPTIMIZERS = ("adam", "adamw")
+
+
+def _fast_step_arguments(name: str, optimizer_class: type, compile_run: bool) -> dict:
+    """Under --compile: our optimizers' compiled core (`compile=True`), torch's fused Adam/AdamW; the others
+    (lion, sgd, adafactor) keep their eager step."""
+    if not compile_run:
+        return {}
+    if "compile" in inspect.signature(optimizer_class).parameters:
+        return {"compile": True}
+    if name in _FUSED_OPTIMIZERS:
+        return {"fused": True}
+    return {}
+
+
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """Construct `--optimizer` over the model's trainable parameters with the flags that apply to it."""
     name = args.optimizer.lower()
@@ -50,6 +66,7 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": args.lr, "weight_decay": args.weight_decay, **_EXTRA_ARGUMENTS.get(name, lambda _: {})(args)}
+    kwargs |= _fast_step_arguments(name, optimizer_class, args.compile)
     if "variant" in inspect.signature(optimizer_class).parameters:
         kwargs["variant"] = args.optimizer_variant
     elif args.optimizer_variant != "reference":

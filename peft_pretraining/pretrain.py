@@ -40,6 +40,7 @@ from peft_pretraining.metrics import RunLogger, WandbSettings, truncate_metrics,
 from peft_pretraining.model import (
     apply_tokenizer,
     build_model,
+    compile_layers,
     count_parameters,
     load_llama_config,
     quant_configs_from_args,
@@ -49,6 +50,7 @@ from peft_pretraining.preflight import check_run_inputs
 from peft_pretraining.rng import capture_rng_state, check_rng_state, restore_rng_state
 from peft_pretraining.schedules import build_scheduler
 from peft_pretraining.spike_monitor import GradientSpikeMonitor
+from peft_pretraining.throughput import model_flops_per_token, peak_tflops
 from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
 
 # The reference shuffles C4 with a fixed seed whatever --seed is (spec g.1 item 5): runs with different
@@ -139,6 +141,8 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
     model, quantized = _build_seeded_model(args, ctx, config, weight_quant, act_quant)
     if args.fsdp:
         shard_model(model, ctx, args.fsdp_param_dtype)  # in place, before the optimizer takes the parameters
+    if args.compile:
+        print0(ctx, f"Compiling {compile_layers(model)} decoder layers (each on its own) and the optimizer step")
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args.scheduler, num_training_steps=args.num_training_steps,
                                 warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
@@ -187,7 +191,9 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
                              accumulation_steps=args.gradient_accumulation, total_batch_size=args.total_batch_size,
                              grad_clipping=args.grad_clipping, eval_every=args.eval_every,
                              save_every=args.save_every, autocast_dtype=autocast_dtype,
-                             max_skipped_updates=args.max_skipped_updates)
+                             max_skipped_updates=args.max_skipped_updates,
+                             flops_per_token=model_flops_per_token(config, args.max_length),
+                             peak_tflops=peak_tflops(ctx.device, args.peak_tflops), compiled=args.compile)
     trainer = Trainer(model=wrapped, optimizer=optimizer, scheduler=scheduler, batches=train_batches,
                       settings=settings, ctx=ctx, logger=logger, state=state, evaluate=evaluate_now, save=save,
                       spike_monitor=spike_monitor)

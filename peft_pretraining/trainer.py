@@ -38,6 +38,7 @@ from peft_pretraining.checkpoint import TrainingState
 from peft_pretraining.distributed import DistributedContext, all_reduce_sum, print0
 from peft_pretraining.metrics import RunLogger
 from peft_pretraining.spike_monitor import GradientSpikeMonitor, optimizer_spike_stats
+from peft_pretraining.throughput import peak_memory_gb, throughput_values
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,6 +55,9 @@ class TrainSettings:
     save_every: int = 10_000
     autocast_dtype: torch.dtype | None = None  # bf16 autocast over fp32 weights (bf16_mixed)
     max_skipped_updates: int = 10  # non-finite updates tolerated in a row (0: stop at the first)
+    flops_per_token: float = 0.0  # model training FLOPs per token (throughput.model_flops_per_token)
+    peak_tflops: float | None = None  # one device's peak, for MFU (None: no MFU)
+    compiled: bool = False  # the model/optimizer are compiled: the first update's time includes compilation
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Trainer:
         self.skipped_in_a_row = 0
         self._pending: _PendingLine | None = None
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._first_update_reported = False
         self._autocast = (torch.autocast(ctx.device.type, dtype=settings.autocast_dtype)
                           if settings.autocast_dtype is not None else contextlib.nullcontext())
 
@@ -118,7 +123,7 @@ class Trainer:
         self.model.train()
         while state.update_step < settings.num_training_steps:
             started = time.perf_counter()
-            loss, loss_sum, tokens = self._accumulate(batches)
+            loss, loss_sum, tokens, positions = self._accumulate(batches)
             grad_norm = self._grad_norm()
             loss_value, norm_value, non_finite = self._host_values(
                 [loss, grad_norm, self._non_finite_flag(loss_sum, grad_norm)])
@@ -128,7 +133,7 @@ class Trainer:
                     self._stop(saved_at)
                 continue
             self.skipped_in_a_row = 0
-            self._apply_update(grad_norm, loss_value, norm_value, tokens, started)
+            self._apply_update(grad_norm, loss_value, norm_value, tokens, positions, started)
             step = state.update_step
             evaluate_now = self.evaluate is not None and step % settings.eval_every == 0 \
                 and step < settings.num_training_steps
@@ -146,17 +151,19 @@ class Trainer:
         self.logger.close_progress()
         return state
 
-    def _accumulate(self, batches) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _accumulate(self, batches) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Forward/backward over one update's micro-batches; returns the last micro-batch loss (unscaled,
-        like the reference logs it), the sum of all micro-batch losses (for the finiteness check), and the
-        non-pad tokens of this rank."""
+        like the reference logs it), the sum of all micro-batch losses (for the finiteness check), the
+        non-pad tokens of this rank and the token positions it computed (pads included)."""
         token_counts = []
+        positions = 0
         loss_sum = None
         accumulation = self.settings.accumulation_steps
         for micro_step in range(accumulation):
             batch = next(batches)
             mask = batch["attention_mask"]
             token_counts.append(mask.sum())  # the batch is still on the host: no device work
+            positions += mask.numel()
             input_ids = batch["input_ids"].to(self.ctx.device, non_blocking=True)
             labels = input_ids.masked_fill(mask.to(self.ctx.device, non_blocking=True) == 0, -100)
             with self._gradient_sync(micro_step == accumulation - 1):
@@ -166,7 +173,7 @@ class Trainer:
             loss = loss.detach()
             loss_sum = loss if loss_sum is None else loss_sum + loss
             self.state.global_step += 1
-        return loss, loss_sum, int(torch.stack(token_counts).sum())
+        return loss, loss_sum, int(torch.stack(token_counts).sum()), positions
 
     def _gradient_sync(self, last_micro_step: bool):
         """DDP all-reduces (FSDP2 reduce-scatters) gradients only on an update's last micro-batch."""
@@ -204,12 +211,13 @@ class Trainer:
         """Write the pending line now (a host sync), e.g. before an eval/save hook or the end."""
         self._host_values([])
 
-    def _apply_update(self, grad_norm: torch.Tensor, loss: float, norm: float, tokens: int,
+    def _apply_update(self, grad_norm: torch.Tensor, loss: float, norm: float, tokens: int, positions: int,
                       started: float) -> None:
         """Observe (monitor), clip, step, schedule; then log, or leave the line pending on device values."""
         step = self.state.update_step + 1
         device_values = self.spike_monitor.observe(step) if self.spike_monitor is not None else {}
         clipped_norm = self._clip_gradients(grad_norm, norm)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this update uses (the scheduler moves it next)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -219,15 +227,17 @@ class Trainer:
         if spam_norm is not None:
             device_values["grad_norm_afterclip"] = spam_norm
         self._record_update(tokens, time.perf_counter() - started)
-        values = self._update_values(loss, norm)
+        self._report_first_update()
+        values = self._update_values(loss, norm, lr, positions)
         if spam_norm is None:
             values["grad_norm_afterclip"] = clipped_norm
         if device_values:
             self._pending = _PendingLine(step=self.state.update_step, values=values, device_values=device_values)
         else:
             self.logger.log(values, step=self.state.update_step)
-        self.logger.advance_progress(loss=f"{loss:.4f}", lr=f"{values['lr']:.2e}",
-                                     tok_s=f"{values['throughput_tokens']:,.0f}")
+        figures = {"mfu": f"{values['mfu']:.1%}"} if "mfu" in values else {"tflops": f"{values['tflops']:.3g}"}
+        self.logger.advance_progress(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{values['tokens_per_s']:,.0f}",
+                                     **figures, mem_gb=f"{values['peak_memory_gb']:.2f}")
 
     def _clip_gradients(self, grad_norm: torch.Tensor, norm: float) -> float:
         """Clip to the global norm `grad_norm` (host copy: `norm`); returns the norm after clipping."""
@@ -282,15 +292,27 @@ class Trainer:
         state.tokens_seen += tokens * self.ctx.world_size
         state.update_time = seconds
 
-    def _update_values(self, loss: float, grad_norm: float) -> dict[str, float]:
-        state, seconds = self.state, self.state.update_time
+    def _report_first_update(self) -> None:
+        """With --compile the first update of a process pays for compilation: say how long it took."""
+        if self.settings.compiled and not self._first_update_reported:
+            self._first_update_reported = True
+            print0(self.ctx, f"update {self.state.update_step} took {self.state.update_time:.1f} s "
+                             "(the first of this process: includes torch.compile's compilation)")
+
+    def _update_values(self, loss: float, grad_norm: float, lr: float, positions: int) -> dict[str, float]:
+        """The update's log line (host values only). `lr` is the rate the update used; throughput figures
+        are over all ranks (tokens/s) or per device (TFLOP/s, MFU); see peft_pretraining.throughput."""
+        state, seconds, settings = self.state, self.state.update_time, self.settings
         return {
             "loss": loss,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "tokens_seen": state.tokens_seen,
             "throughput_tokens": (state.tokens_seen - state.tokens_seen_before) / seconds,
             "throughput_examples": self.settings.total_batch_size / seconds,
             "throughput_batches": self.settings.accumulation_steps * self.ctx.world_size / seconds,
             "grad_norm": grad_norm,
             "skipped_updates": self.skipped_updates,
+            **throughput_values(positions=positions, seconds=seconds, world_size=self.ctx.world_size,
+                                flops_per_token=settings.flops_per_token, peak=settings.peak_tflops),
+            "peak_memory_gb": peak_memory_gb(self.ctx.device),
         }

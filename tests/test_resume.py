@@ -19,6 +19,7 @@ import peft_pretraining
 from peft_pretraining.data import build_resumable_train_batches, load_tokenizer, resolve_dataset
 from peft_pretraining.metrics import RunLogger, WandbSettings, truncate_metrics
 from peft_pretraining.rng import capture_rng_state, restore_rng_state
+from peft_pretraining.throughput import MEASURED_KEYS
 from quantization import QuantConfig, QuantLinear
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def test_spike_monitor_and_skip_count_resume_with_the_run(tiny_config, tmp_path)
 
     def spike_records(save_dir: Path) -> dict[int, dict]:
         records = [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: {key: value for key, value in r.items() if not key.startswith("throughput")}
+        return {r["step"]: {key: value for key, value in r.items() if key not in MEASURED_KEYS}
                 for r in records if "gss_max" in r}
 
     full, resumed = spike_records(tmp_path / "full"), spike_records(tmp_path / "resumed")

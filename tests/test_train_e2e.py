@@ -14,10 +14,12 @@ import torch
 from transformers import LlamaForCausalLM
 
 import peft_pretraining
+from peft_pretraining.schedules import cosine_factor
 
 REPO = Path(__file__).resolve().parents[1]
 UPDATE_KEYS = {"step", "loss", "lr", "tokens_seen", "throughput_tokens", "throughput_examples",
-               "throughput_batches", "grad_norm", "grad_norm_afterclip", "skipped_updates"}
+               "throughput_batches", "grad_norm", "grad_norm_afterclip", "skipped_updates", "tokens_per_s", "tflops",
+               "peak_memory_gb"}
 EVAL_KEYS = {"step", "eval_loss", "eval_ppl", "eval_tokens", "eval_loss_reference"}
 
 
@@ -45,7 +47,10 @@ def test_training_reduces_loss_and_records_everything(tiny_config, tmp_path):
     assert all(set(r) == UPDATE_KEYS for r in updates)
     losses = update_losses(records)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0
-    assert updates[0]["lr"] == pytest.approx(0.5e-2)  # logged after the scheduler step: update 2's lr
+    # The rate each update used: warm-up from 0 over 2 updates, then the cosine down to 10% at update 20.
+    assert [updates[0]["lr"], updates[1]["lr"]] == [0.0, pytest.approx(0.5e-2)]
+    assert updates[-1]["lr"] == pytest.approx(1e-2 * cosine_factor(19, warmup_steps=2, num_training_steps=20,
+                                                                    min_lr_ratio=0.1))
 
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [10, 20]
