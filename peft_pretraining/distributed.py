@@ -1,6 +1,8 @@
 """Process-group setup: one process, or torchrun's N processes (nccl on CUDA, gloo on CPU).
 
-Multi-node is torchrun's job (`--nnodes`, rendezvous): we only read the environment it sets.
+Multi-node is torchrun's job (`--nnodes`, rendezvous): we only read the environment it sets. `accelerate
+launch --multi_gpu --num_processes N` starts its processes through torchrun's own code, so it sets the same
+environment and works the same way (on CPU too); accelerate's wrappers (mixed precision, dynamo) are not used.
 """
 
 import os
@@ -44,6 +46,23 @@ def init_distributed(*, single_gpu: bool = False) -> DistributedContext:
     if world_size > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return DistributedContext(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def accelerate_launch_notes(environ: dict[str, str]) -> list[str]:
+    """What to tell a user whose `accelerate launch` settings this run does not follow (we read only
+    torchrun's environment): its --cpu launcher starts one process whatever --num_processes says, and its
+    mixed-precision and dynamo settings apply to accelerate's wrappers, which we do not use."""
+    notes = []
+    if environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "WORLD_SIZE" not in environ:
+        notes.append("accelerate launch --cpu starts a single process (without an MPI hostfile): for N processes "
+                     "use `accelerate launch --multi_gpu --num_processes N` (works on CPU) or torchrun")
+    if environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() not in ("no", ""):
+        notes.append(f"accelerate's --mixed_precision {environ['ACCELERATE_MIXED_PRECISION']} is ignored: use "
+                     "--dtype bfloat16 or --dtype bf16_mixed")
+    if environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower() not in ("no", ""):
+        notes.append(f"accelerate's --dynamo_backend {environ['ACCELERATE_DYNAMO_BACKEND']} is ignored: use "
+                     "--compile")
+    return notes
 
 
 def shutdown_distributed(ctx: DistributedContext) -> None:

@@ -33,7 +33,13 @@ from peft_pretraining.data import (
     load_tokenizer,
     resolve_dataset,
 )
-from peft_pretraining.distributed import DistributedContext, init_distributed, print0, shutdown_distributed
+from peft_pretraining.distributed import (
+    DistributedContext,
+    accelerate_launch_notes,
+    init_distributed,
+    print0,
+    shutdown_distributed,
+)
 from peft_pretraining.evaluation import evaluate
 from peft_pretraining.fsdp import shard_model
 from peft_pretraining.metrics import RunLogger, WandbSettings, truncate_metrics, wandb_wanted, write_run_record
@@ -131,6 +137,8 @@ def _as_usage_error():
 def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
     """Everything before the first update; cheap checks first so user mistakes fail fast."""
     hf_logging.disable_progress_bar()
+    for note in accelerate_launch_notes(dict(os.environ)):
+        print0(ctx, f"note: {note}")
     config = load_llama_config(args.model_config, max_length=args.max_length)
     weight_quant, act_quant = quant_configs_from_args(args)
     source = resolve_dataset(args.dataset)

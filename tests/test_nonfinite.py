@@ -22,6 +22,7 @@ from galore_torch.spam import SPAM
 from galore_torch.stable_spam import StableSPAM
 from peft_pretraining.distributed import DistributedContext
 from peft_pretraining.metrics import RunLogger
+from peft_pretraining.model import compile_layers
 from peft_pretraining.schedules import build_scheduler
 from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
@@ -31,6 +32,8 @@ OPTIMIZERS = {
     "stablespam": lambda params: StableSPAM(params, lr=1e-2, gamma1=0.7, gamma2=0.9, total_T=8),
     "spam": lambda params: SPAM(params, lr=1e-2, warmup_epoch=2, grad_accu_steps=2),
     "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2),
+    "stablespam_compiled": lambda params: StableSPAM(params, lr=1e-2, gamma1=0.7, gamma2=0.9, total_T=8,
+                                                     compile=True),
 }
 
 
@@ -124,7 +127,7 @@ POISONS = {"nan_gradient": nan_gradient, "inf_gradient": inf_gradient,
            "nan_loss_finite_gradient": lambda model: NonFiniteLoss(model, {5})}
 
 
-@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+@pytest.mark.parametrize("optimizer_name", [name for name in OPTIMIZERS if "compiled" not in name])
 @pytest.mark.parametrize("poison", POISONS)
 def test_one_non_finite_update_is_skipped_as_if_its_batches_were_never_there(tmp_path, optimizer_name, poison):
     """Micro-batch 5 (the first of update 3's two) goes bad: the run equals one that never saw batches 5-6."""
@@ -155,6 +158,22 @@ def test_one_non_finite_update_is_skipped_as_if_its_batches_were_never_there(tmp
     assert [r["skipped_updates"] for r in applied] == [0, 0, 1, 1, 1]
     clean_losses = [r["loss"] for r in read_metrics(tmp_path / "clean")]
     assert [r["loss"] for r in applied] == clean_losses
+
+
+def test_compiled_run_skips_a_non_finite_update_as_if_its_batches_were_never_there(tmp_path):
+    """--compile: compiled decoder layers and StableSPAM's compiled core skip a NaN gradient exactly."""
+    data = micro_batches(12)
+    models = {}
+    for name, batches in (("skipped", data), ("clean", data[:4] + data[6:])):
+        model = tiny_model()
+        compile_layers(model)
+        models[name] = nan_gradient(model) if name == "skipped" else model
+        trainer, logger = make_trainer(tmp_path / name, models[name], "stablespam_compiled", batches, updates=5)
+        trainer.train()
+        logger.close()
+        assert trainer.skipped_updates == (1 if name == "skipped" else 0)
+    assert_same_tensors(models["skipped"].state_dict(), models["clean"].state_dict())
+
 
 
 def test_skips_that_are_not_in_a_row_do_not_stop_the_run(tmp_path):

@@ -84,6 +84,12 @@ KILL_AND_RESUME = {
     "int4_stochastic_packed_workers2": ["--optimizer", "stablespam", "--act_quant", "--weight_bits", "4",
                                         "--weight_group_size", "64", "--act_group_size", "32", "--act_stochastic",
                                         "--packing", "--workers", "2", "--gradient_accumulation", "2"],
+    # --compile: compiled layers and optimizer core, stochastic rounding drawn inside the compiled graph,
+    # accumulation and the spike monitor; the momentum reset at update 3 comes right after the kill.
+    "compiled_int4_stochastic_monitor": ["--compile", "--optimizer", "stablespam", "--update_proj_gap", "3",
+                                         "--act_quant", "--weight_bits", "4", "--weight_group_size", "64",
+                                         "--act_group_size", "32", "--act_stochastic", "--gradient_accumulation",
+                                         "2", "--spike_monitor", "--spike_every", "1", "--workers", "0"],
 }
 
 

@@ -5,15 +5,18 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import peft_pretraining
+from peft_pretraining.distributed import accelerate_launch_notes
 from peft_pretraining.schedules import cosine_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,3 +227,81 @@ def test_two_process_ddp_matches_one_process(tiny_config, tmp_path):
         torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-6)
     updates = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
     assert len(updates) == 3 and all(r["grad_norm"] > 0 and r["lr"] > 0 for r in updates)
+
+
+def two_process_run(tmp_path: Path, launcher: list[str], save_dir: Path, argv: list[str]) -> dict:
+    """Run RANK_SCRIPT under `launcher` (2 processes); returns both ranks' final weights."""
+    script = tmp_path / "rank_run.py"
+    script.write_text(RANK_SCRIPT)
+    out_dir = save_dir.with_name(f"{save_dir.name}_weights")
+    out_dir.mkdir()
+    returncode, stderr = run_process_group([*launcher, str(script), str(out_dir), *argv])
+    assert returncode == 0, stderr[-3000:]
+    return {rank: torch.load(out_dir / f"rank{rank}.pt") for rank in (0, 1)}
+
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags", [["--compile"], ["--compile", "--fsdp"]], ids=["ddp", "fsdp"])
+def test_compiled_two_process_runs_match_one_eager_process(tiny_config, tmp_path, flags):
+    """--compile under DDP (no_sync on the first of 2 micro-batches) and under FSDP2 (each compiled layer
+    sharded): the same updates as one eager process over the same global batch. SGD, as in the eager DDP test:
+    an Adam-type step turns float reordering in near-zero gradient entries into sign flips of size lr, which
+    would hide a real error (the compiled StableSPAM core over shards is tested in test_fsdp.py)."""
+    dataset = write_long_documents(tmp_path / "docs")
+    common = ["--dataset", str(dataset), "--tokenizer", "builtin", "--optimizer", "sgd", "--lr", "0.5",
+              "--num_training_steps", "3", "--warmup_steps", "0", "--total_batch_size", "4", "--eval_tokens", "64"]
+    returncode, stderr = run_process_group([*TORCHRUN, str(REPO / "main_pretrain.py"),
+                                            *run_argv(tiny_config, tmp_path / "ranks", *common, *flags,
+                                                      "--batch_size", "1")])
+    assert returncode == 0, stderr[-3000:]
+    compiled = load_file(tmp_path / "ranks" / "model_3" / "model.safetensors")  # gathered under FSDP2
+    single = peft_pretraining.run(run_argv(tiny_config, tmp_path / "single", *common, "--batch_size", "4"))
+    for name, tensor in single.model.state_dict().items():
+        torch.testing.assert_close(compiled[name], tensor, rtol=1e-4, atol=1e-6)
+    compiled_losses = [r["loss"] for r in read_metrics(tmp_path / "ranks") if "loss" in r]
+    eager_losses = [r["loss"] for r in read_metrics(tmp_path / "single") if "loss" in r]
+    assert len(compiled_losses) == 3
+    # rank 0 logs its own micro-batch loss (a quarter of the global batch): compare the trend, not values
+    assert compiled_losses[-1] < compiled_losses[0] and eager_losses[-1] < eager_losses[0]
+
+
+@pytest.mark.slow
+def test_accelerate_launch_behaves_as_torchrun(tiny_config, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` starts torch.distributed.run's processes (on CPU too):
+    same environment contract, so the same bits as `torchrun --nproc_per_node 2`."""
+    dataset = write_long_documents(tmp_path / "docs")
+    argv = ["--dataset", str(dataset), "--tokenizer", "builtin", "--optimizer", "adamw", "--num_training_steps",
+            "2", "--warmup_steps", "0", "--total_batch_size", "4", "--eval_tokens", "64", "--batch_size", "1"]
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                  str(free_port())]
+    by_accelerate = two_process_run(tmp_path, accelerate, tmp_path / "accelerate",
+                                    run_argv(tiny_config, tmp_path / "accelerate", *argv))
+    by_torchrun = two_process_run(tmp_path, TORCHRUN, tmp_path / "torchrun",
+                                  run_argv(tiny_config, tmp_path / "torchrun", *argv))
+    for name, tensor in by_torchrun[0].items():
+        assert torch.equal(by_accelerate[0][name], tensor) and torch.equal(by_accelerate[1][name], tensor), name
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("accelerate", "torchrun")]
+    assert losses[0] == losses[1] and len(losses[0]) == 2
+    run_config = json.loads((tmp_path / "accelerate" / "run_config.json").read_text())
+    assert (run_config["world_size"], run_config["gradient_accumulation"]) == (2, 2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_accelerate_settings_we_do_not_follow_are_named():
+    assert accelerate_launch_notes({}) == []
+    assert accelerate_launch_notes({"ACCELERATE_USE_CPU": "False", "ACCELERATE_MIXED_PRECISION": "no",
+                                    "ACCELERATE_DYNAMO_BACKEND": "NO", "WORLD_SIZE": "2"}) == []
+    cpu, precision, dynamo = accelerate_launch_notes({"ACCELERATE_USE_CPU": "True",
+                                                      "ACCELERATE_MIXED_PRECISION": "bf16",
+                                                      "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"})
+    assert "--multi_gpu --num_processes N" in cpu
+    assert "--dtype" in precision and "--compile" in dynamo
