@@ -1,6 +1,7 @@
-"""Forward+backward time of QuantLinear (W4A4) against nn.Linear on LLaMA-350M projection shapes.
+"""Forward+backward time of QuantLinear (W4A4) against nn.Linear on LLaMA projection shapes (350M default).
 
     python benchmarks/bench_quant_linear.py [--dtype float32|bfloat16] [--device cpu|cuda] [--compile]
+                                            [--config configs/llama_1b.json]
 
 Variants are timed in interleaved rounds (one call of each per round) and the median per variant is
 reported, so load from other processes spreads over all of them instead of skewing one. On a shared CPU,
@@ -8,6 +9,7 @@ reported, so load from other processes spreads over all of them instead of skewi
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -39,6 +41,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile every layer (baseline too)")
+    parser.add_argument("--config", default=None,
+                        help="take the projection shapes from this LLaMA config JSON (default: LLaMA-350M's)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=15, help="timed calls per variant")
@@ -47,6 +51,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time")
     return parser.parse_args()
+
+
+def projection_shapes(config_path: str | None) -> tuple[tuple[int, int], ...]:
+    """(in, out) of the attention projections, up/gate and down of a LLaMA config."""
+    if config_path is None:
+        return SHAPES
+    config = json.loads(open(config_path).read())
+    hidden, intermediate = config["hidden_size"], config["intermediate_size"]
+    return (hidden, hidden), (hidden, intermediate), (intermediate, hidden)
 
 
 def build_layers(shape, args, dtype) -> dict[str, nn.Module]:
@@ -107,7 +120,7 @@ def main() -> None:
         f"median of {args.rounds} rounds"
     )
     print(f"{'shape (in->out)':<16} {'variant':<10} {'fwd+bwd ms':>11} {'ratio':>7}")
-    for shape in SHAPES:
+    for shape in projection_shapes(args.config):
         medians = bench_shape(shape, args, dtype)
         baseline = medians["nn.Linear"]
         for name, ms in medians.items():

@@ -110,3 +110,15 @@ def test_activation_checkpointing_gives_the_same_losses(tiny_config, tmp_path, c
     assert len(stored) == 4
     assert [r["loss"] for r in recomputed] == [r["loss"] for r in stored]
     assert [r["grad_norm"] for r in recomputed] == [r["grad_norm"] for r in stored]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_int4_run_on_cuda_trains_and_logs_mfu(tiny_config, tmp_path):
+    """On a GPU: pure bf16 with --compile (the CUDA kernels inductor writes), INT4 W4A4 and StableSPAM's
+    compiled core; MFU is logged against the known peak of the device or --peak_tflops."""
+    peft_pretraining.run(run_argv(tiny_config, tmp_path, *INT4_STABLESPAM, "--compile", "--dtype", "bfloat16",
+                                  "--peak_tflops", "100"))
+    updates = update_lines(tmp_path)
+    assert len(updates) == 10 and updates[-1]["loss"] < updates[0]["loss"] - 0.3
+    assert all(0 < r["mfu"] < 1 and r["peak_memory_gb"] > 0 for r in updates)
