@@ -330,3 +330,10 @@ def test_without_dry_run_the_command_is_executed(tmp_path):
     assert result.returncode == 0, result.stderr
     received = (tmp_path / "argv.txt").read_text().splitlines()
     assert received == shlex.split(result.stdout.splitlines()[1])[1:]
+
+
+def test_compile_passes_through_to_the_run():
+    _, command = dry_run("launch.sh", "t1-int4-350m-stablespam", "--compile")
+    assert main_pretrain_args(command, world_size=4).compile
+    _, command = dry_run("launch.sh", "t1-int4-350m-stablespam")
+    assert not main_pretrain_args(command, world_size=4).compile

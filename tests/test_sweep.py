@@ -226,3 +226,11 @@ def test_real_sweep_skips_finished_and_diverged_runs_and_resumes_an_interrupted_
     # main_pretrain dropped what the killed run logged past checkpoint 2: update 3 is logged once.
     assert [record["step"] for record in resumed if "loss" in record] == [1, 2, 3]
     assert sweep.run_status(interrupted) == "finished"
+
+
+def test_compile_passes_through_to_every_run(tmp_path):
+    result = run_sweep("--root", str(tmp_path / "runs"), "--formats", "int4", "--optimizers", "stablespam",
+                       "--lrs", "1e-3", "--seeds", "0", "--dry-run", "--", "--model_config", "c.json", "--compile")
+    assert result.returncode == 0, result.stderr
+    commands = [line.split() for line in result.stdout.splitlines() if line.startswith("         ")]
+    assert len(commands) == 1 and "--compile" in commands[0]
