@@ -60,6 +60,15 @@ def reject_sparse_grad(optimizer_name: str, grad, param_index: int, group_index:
                          f"group {group_index}); use dense ones, e.g. nn.Embedding(sparse=False)")
 
 
+def reject_complex_param(optimizer_name: str, param: torch.Tensor, param_index: int, group_index: int) -> None:
+    """Per-tensor maxima, norms and signs have no complex meaning: a complex param would be updated wrongly or
+    fail inside torch, so say which param it is and how to train it as real numbers."""
+    if param.is_complex():
+        raise ValueError(f"{optimizer_name} does not support complex parameters (param {param_index} of param "
+                         f"group {group_index} has dtype {param.dtype}); train a real view of it, "
+                         "torch.view_as_real(param), instead")
+
+
 def validate_group_hyperparameters(group: dict, index: int) -> None:
     """lr, betas, eps and weight_decay of one param group (those it has, defaults merged in), named by group."""
     checks = {"lr": validate_non_negative, "betas": validate_betas, "eps": validate_non_negative,

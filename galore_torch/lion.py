@@ -7,6 +7,7 @@ import torch
 
 from galore_torch.base import (
     evaluate_closure,
+    reject_complex_param,
     reject_sparse_grad,
     validate_betas,
     validate_group_hyperparameters,
@@ -68,6 +69,7 @@ class Lion(torch.optim.Optimizer):
             for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                reject_complex_param("Lion", p, param_index, group_index)
                 reject_sparse_grad("Lion", p.grad, param_index, group_index)
                 state = self.state[p]
                 if "exp_avg" not in state:

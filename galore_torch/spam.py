@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from galore_torch.base import (
     evaluate_closure,
+    reject_complex_param,
     reject_sparse_grad,
     validate_betas,
     validate_group_hyperparameters,
@@ -342,6 +343,7 @@ class SPAM(torch.optim.Optimizer):
             for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                reject_complex_param("SPAM", p, param_index, group_index)
                 reject_sparse_grad("SPAM", p.grad, param_index, group_index)
                 state = self.state[p]
                 if "exp_avg" not in state:  # a param whose state a loaded state_dict lacked

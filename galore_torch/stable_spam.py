@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from galore_torch.base import (
     evaluate_closure,
+    reject_complex_param,
     reject_sparse_grad,
     validate_betas,
     validate_closed_unit_interval,
@@ -479,6 +480,7 @@ class StableSPAM(torch.optim.Optimizer):
         for param_index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
+            reject_complex_param("StableSPAM", p, param_index, group_index)
             reject_sparse_grad("StableSPAM", p.grad, param_index, group_index)
             state = self.state[p]
             if "exp_avg" not in state:

@@ -26,11 +26,28 @@ def test_project_optimizers_registered():
     assert get_optimizer_class("lion") is Lion
 
 
-@pytest.mark.parametrize("name", ["adafactor", "lion", "spam", "stablespam"])
+OUR_OPTIMIZERS = ["adafactor", "lion", "spam", "stablespam"]
+
+
+@pytest.mark.parametrize("name", OUR_OPTIMIZERS)
 def test_our_optimizers_refuse_sparse_gradients(name):
     """Sparse gradients would silently skip the dense foreach/compiled paths: refused with one line instead."""
     embedding = torch.nn.Embedding(10, 3, sparse=True)
-    optimizer = get_optimizer_class(name)(embedding.parameters(), lr=1e-3)
+    optimizer = get_optimizer_class(name)(embedding.parameters())
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize("name", OUR_OPTIMIZERS)
+def test_our_optimizers_refuse_complex_params(name):
+    """SPAM and Adafactor would update a complex param wrongly, Lion and StableSPAM fail inside torch: refused
+    with one line naming the param and its dtype instead."""
+    real = torch.zeros(2, requires_grad=True)
+    complex_param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    optimizer = get_optimizer_class(name)([real, complex_param])
+    real.grad = torch.ones(2)
+    complex_param.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"complex parameters \(param 1 of param group 0 has dtype "
+                                         r"torch.complex64\).*torch.view_as_real"):
         optimizer.step()
