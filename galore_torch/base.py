@@ -106,10 +106,13 @@ class ConfiguredOptimizer(torch.optim.Optimizer):
         only: a group saved before a hyper-parameter became a group key gets the constructor's value."""
         state = dict(state)
         settings = state.pop("settings", None)
-        super().__setstate__(state)
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
+        # the constructor's values (unpickling brings them along), read before torch's __setstate__ adds its
+        # own flags to the defaults
+        defaults = state["defaults"] if "defaults" in state else self.defaults
+        for group in state["param_groups"]:
+            for key, value in defaults.items():
                 group.setdefault(key, value)
+        super().__setstate__(state)
         if settings is not None:
             self._configure(settings)
 

@@ -430,7 +430,7 @@ def test_hyper_parameters_are_param_group_keys_saved_by_state_dict():
     resumed_model = copy.deepcopy(model)
     resumed_opt = StableSPAM(resumed_model.parameters(), lr=1e-2, variant="corrected")
     resumed_opt.load_state_dict(saved)
-    assert resumed_opt.param_groups[0].items() >= HYPER_PARAMETERS.items()
+    assert resumed_opt.state_dict()["param_groups"] == saved["param_groups"]
     train(model, opt, steps=6, seed=2)
     train(resumed_model, resumed_opt, steps=6, seed=2)
     assert_same_params_and_state(model, opt, resumed_model, resumed_opt)
