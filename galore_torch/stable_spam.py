@@ -374,8 +374,9 @@ class StableSPAM(ConfiguredOptimizer):
       4. amsgrad's running maximum is reset with the moments (the original never resets it).
     Both variants: the global step count is saved by `state_dict()` (as `total_steps` in the first param
     group) so that a resumed run continues exactly; every hyper-parameter is a param-group key (as in
-    torch.optim: per group, saved by `state_dict()`, and a state saved by the other variant is refused on load); `step()` never writes `p.grad` and never syncs with the
-    device; params whose grad is None are skipped entirely (no decay, no counter increment, no reset).
+    torch.optim: per group, saved by `state_dict()`; a state saved by the other variant is refused on load);
+    `step()` never writes `p.grad` and never syncs with the device; params whose grad is None are skipped
+    entirely (no decay, no counter increment, no reset).
 
     State per param: `step` (Adam's count, reset to 1 at a reset), `stat_step` (corrected only), `exp_avg`,
     `exp_avg_sq`, `max_exp_avg_sq` (amsgrad), the EMAs `m_max` (max|g|), `m_norm` (norm) and `v_norm`
