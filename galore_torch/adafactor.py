@@ -9,6 +9,7 @@ import torch
 
 from galore_torch.base import (
     evaluate_closure,
+    reject_complex_param,
     reject_sparse_grad,
     validate_non_negative,
     validate_unit_interval,
@@ -126,9 +127,12 @@ class Adafactor(torch.optim.Optimizer):
     update. Half-precision params are updated in fp32 with fp32 state. `step()` never writes `p.grad` and never
     syncs with the host; it loops over params one by one (the factored statistics differ in shape per param).
 
+    The defaults are transformers': no lr, a relative step size and parameter scaling. The StableSPAM baselines
+    ran `lr=..., relative_step=False, scale_parameter=False, warmup_init=False` instead.
+
     Args:
         params: parameters or param groups.
-        lr: learning rate; None with relative_step=True.
+        lr: learning rate; None with relative_step=True (and required with relative_step=False).
         eps: (added to g^2, floor of the param RMS under scale_parameter).
         clip_threshold: the largest RMS of an unscaled update.
         decay_rate: exponent of the second-moment decay, < 0.
@@ -148,8 +152,8 @@ class Adafactor(torch.optim.Optimizer):
         decay_rate: float = -0.8,
         beta1: float | None = None,
         weight_decay: float = 0.0,
-        scale_parameter: bool = False,
-        relative_step: bool = False,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
         warmup_init: bool = False,
     ):
         defaults = {"lr": lr, "eps": eps, "clip_threshold": clip_threshold, "decay_rate": decay_rate,
@@ -183,6 +187,7 @@ class Adafactor(torch.optim.Optimizer):
             for param_index, param in enumerate(group["params"]):
                 if param.grad is None:
                     continue
+                reject_complex_param("Adafactor", param, param_index, group_index)
                 reject_sparse_grad("Adafactor", param.grad, param_index, group_index)
                 if not self.state[param]:
                     self.state[param] = initial_state(param, use_first_moment=group["beta1"] is not None)

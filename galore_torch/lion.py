@@ -7,6 +7,7 @@ import torch
 
 from galore_torch.base import (
     evaluate_closure,
+    reject_complex_param,
     reject_sparse_grad,
     validate_betas,
     validate_group_hyperparameters,
@@ -15,9 +16,11 @@ from galore_torch.base import (
 
 
 def lion_update(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor], *,
-                lr: float, beta1: float, beta2: float, weight_decay: float) -> None:
+                lr: float, beta1: float, beta2: float, weight_decay: float, maximize: bool = False) -> None:
     """One Lion step in place on same-device, same-dtype lists: c = beta1 m + (1 - beta1) g,
-    p <- p (1 - lr wd) - lr sign(c), m <- beta2 m + (1 - beta2) g."""
+    p <- p (1 - lr wd) - lr sign(c), m <- beta2 m + (1 - beta2) g; with `maximize`, g is -grad."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
     updates = torch._foreach_mul(exp_avgs, beta1)
     torch._foreach_add_(updates, grads, alpha=1.0 - beta1)
     torch._foreach_sign_(updates)
@@ -40,6 +43,7 @@ class Lion(torch.optim.Optimizer):
         lr: learning rate (typically 3-10x smaller than AdamW's).
         betas: (beta1, beta2): interpolation weight of the update direction, decay rate of the momentum.
         weight_decay: decoupled weight decay p <- p * (1 - lr * weight_decay).
+        maximize: step along the gradient instead of against it, as torch.optim's `maximize`.
     """
 
     def __init__(
@@ -48,11 +52,18 @@ class Lion(torch.optim.Optimizer):
         lr: float = 1e-4,
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
+        maximize: bool = False,
     ):
         validate_non_negative(lr, "lr")
         validate_betas(betas)
         validate_non_negative(weight_decay, "weight_decay")
-        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay, "maximize": maximize})
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling and `load_state_dict` land here: a group saved before `maximize` existed minimizes."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group's own lr, betas and weight_decay, then add it."""
@@ -68,6 +79,7 @@ class Lion(torch.optim.Optimizer):
             for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                reject_complex_param("Lion", p, param_index, group_index)
                 reject_sparse_grad("Lion", p.grad, param_index, group_index)
                 state = self.state[p]
                 if "exp_avg" not in state:
@@ -79,5 +91,5 @@ class Lion(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             for params, grads, exp_avgs in buckets.values():
                 lion_update(params, grads, exp_avgs, lr=group["lr"], beta1=beta1, beta2=beta2,
-                            weight_decay=group["weight_decay"])
+                            weight_decay=group["weight_decay"], maximize=group["maximize"])
         return loss

@@ -14,7 +14,10 @@ import torch
 import torch.distributed as dist
 
 from galore_torch.base import (
+    ConfiguredOptimizer,
+    check_variants_match,
     evaluate_closure,
+    reject_complex_param,
     reject_sparse_grad,
     validate_betas,
     validate_group_hyperparameters,
@@ -61,6 +64,7 @@ class BucketRule(NamedTuple):
     spare_zero_v: bool  # corrected variant: entries with v == 0 are never spikes
     masked: bool  # sparse momentum with density < 1: only masked entries are read and updated
     decay: str  # "none", "all" or "masked" (weight decay of the masked entries only)
+    maximize: bool  # step along +grad: the update of -grad
 
 
 class Bucket(NamedTuple):
@@ -100,6 +104,8 @@ def update_bucket(bucket: Bucket, rule: BucketRule) -> torch.Tensor:
     state_dtype = bucket.exp_avgs[0].dtype
     if grads[0].dtype != state_dtype:
         grads = [grad.to(state_dtype) for grad in grads]
+    if rule.maximize:  # exact, and before masking, so the core sees exactly what minimizing on -grad would
+        grads = torch._foreach_neg(grads)
     if rule.masked:
         masks = [mask if mask.dtype == torch.bool else mask > 0 for mask in bucket.masks]
         grads = [torch.where(mask, grad, 0.0) for mask, grad in zip(masks, grads)]
@@ -138,12 +144,20 @@ def update_buckets(buckets: list[Bucket], rules: list[BucketRule]) -> list[torch
     return [update_bucket(bucket, rule) for bucket, rule in zip(buckets, rules)]
 
 
+def validate_hyperparameters(hparams: dict[str, Any], prefix: str = "") -> None:
+    """SPAM's own keys, one-line ValueErrors naming the bad value (prefix says which param group, if any)."""
+    validate_non_negative_int(hparams["warmup_epoch"], f"{prefix}warmup_epoch")
+    validate_non_negative(hparams["threshold"], f"{prefix}threshold")
+    validate_non_negative_int(hparams["grad_accu_steps"], f"{prefix}grad_accu_steps")
+    validate_variant(hparams["variant"], f"{prefix}variant")
+
+
 def _has_period(gap: int | None) -> bool:
     """None (no density group) and 0 both mean: no momentum reset, no warm-up, no mask refresh."""
     return gap is not None and gap > 0
 
 
-class SPAM(torch.optim.Optimizer):
+class SPAM(ConfiguredOptimizer):
     """SPAM, from "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training" (Huang et al., 2025).
 
     Adam (eps outside the square root, not bias-corrected) plus: every `update_proj_gap` steps both moments
@@ -167,7 +181,10 @@ class SPAM(torch.optim.Optimizer):
     and never treats an entry with v == 0 as a spike. Both variants: `step()` returns the loss (the original
     returned a tuple), never writes `p.grad`, and leaves the post-clipping global gradient norm (masked entries
     only, a 0-dim float32 tensor on the first param's device; None before the first step) in `last_grad_norm`.
-    The step counters live in `param_groups[0]`, so `state_dict()` round-trips them.
+    The step counters live in `param_groups[0]`, so `state_dict()` round-trips them, and every hyper-parameter
+    is a param-group key (as in torch.optim: saved by `state_dict()`; a state saved by the other variant is
+    refused on load). All but `warmup_epoch` may differ between groups: the warm-up follows the one
+    optimizer-wide step count since the last reset.
 
     Sharded params (FSDP2's DTensors) are updated shard by shard (the update is entry-wise); masks are drawn
     for the whole shape on every rank, which keeps its slice, so they equal the unsharded run's when the ranks'
@@ -184,6 +201,7 @@ class SPAM(torch.optim.Optimizer):
         threshold: spike threshold on g^2 / v; 0 disables clipping.
         grad_accu_steps: steps after the start and after each reset during which clipping is off.
         variant: "reference" (the original's numbers) or "corrected" (bugs fixed, see above).
+        maximize: step along the gradient instead of against it, as torch.optim's `maximize`.
         foreach: None or True updates params as lists grouped by device and dtype; False one at a time
             (lower peak memory).
         compile: run the update core through `torch.compile(fullgraph=True)`.
@@ -203,6 +221,7 @@ class SPAM(torch.optim.Optimizer):
         threshold: float = 2000,
         grad_accu_steps: int = 20,
         variant: str = "reference",
+        maximize: bool = False,
         foreach: bool | None = None,
         compile: bool = False,
         fp32_state: bool = False,
@@ -212,15 +231,11 @@ class SPAM(torch.optim.Optimizer):
         validate_betas(betas)
         validate_non_negative(eps, "eps")
         validate_non_negative(weight_decay, "weight_decay")
-        validate_non_negative_int(warmup_epoch, "warmup_epoch")
-        validate_non_negative(threshold, "threshold")
-        validate_non_negative_int(grad_accu_steps, "grad_accu_steps")
-        validate_variant(variant)
-        self._configure({"warmup_epoch": warmup_epoch, "threshold": threshold, "grad_accu_steps": grad_accu_steps,
-                         "variant": variant, "foreach": foreach is not False, "compile": compile,
-                         "fp32_state": fp32_state})
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                    "correct_bias": correct_bias}
+                    "correct_bias": correct_bias, "warmup_epoch": warmup_epoch, "threshold": threshold,
+                    "grad_accu_steps": grad_accu_steps, "variant": variant, "maximize": maximize}
+        validate_hyperparameters(defaults)
+        self._configure({"foreach": foreach is not False, "compile": compile, "fp32_state": fp32_state})
         super().__init__(params, defaults)
         # The original's two global counters; kept in the first group so that state_dict() carries them and
         # `state` holds only per-param entries (torch.distributed.checkpoint maps every state key to a param).
@@ -228,12 +243,8 @@ class SPAM(torch.optim.Optimizer):
         self.param_groups[0]["current_step"] = warmup_epoch + 1
 
     def _configure(self, settings: dict[str, Any]) -> None:
-        """Set the optimizer-wide settings (constructor arguments that are not per group) and the core."""
+        """Set the settings that are not hyper-parameters, and the core."""
         self.settings = settings
-        self.warmup_epoch = settings["warmup_epoch"]
-        self.threshold = settings["threshold"]
-        self.grad_accu_steps = settings["grad_accu_steps"]
-        self.variant = settings["variant"]
         self.foreach = settings["foreach"]
         self.fp32_state = settings["fp32_state"]
         self.last_grad_norm: torch.Tensor | None = None
@@ -243,23 +254,15 @@ class SPAM(torch.optim.Optimizer):
             # Round low-precision intermediates as eager does, so bf16 runs stay close to the uncompiled numbers.
             self._core = torch.compile(update_buckets, fullgraph=True, options={"emulate_precision_casts": True})
 
-    def __getstate__(self) -> dict[str, Any]:
-        """torch pickles only defaults, state and param_groups; the settings must travel too (deepcopy, pickle)."""
-        return {**super().__getstate__(), "settings": self.settings}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        """Unpickling restores the settings; load_state_dict also lands here, with state and groups only."""
-        state = dict(state)
-        settings = state.pop("settings", None)
-        super().__setstate__(state)
-        if settings is not None:
-            self._configure(settings)
-
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group, add it, and draw the masks of its 2-D params if it is a density group."""
         index = len(self.param_groups)
         merged = {**self.defaults, **param_group}
         validate_group_hyperparameters(merged, index)
+        validate_hyperparameters(merged, f"param group {index} ")
+        if merged["warmup_epoch"] != self.defaults["warmup_epoch"]:
+            raise ValueError(f"invalid param group {index} warmup_epoch: {merged['warmup_epoch']!r} (the warm-up "
+                             "is optimizer-wide; set warmup_epoch in the constructor)")
         if ("density" in param_group) != ("update_proj_gap" in param_group):
             raise ValueError(f"param group {index}: density and update_proj_gap go together (sparse momentum "
                              f"needs both, e.g. {{'density': 1.0, 'update_proj_gap': 500}})")
@@ -299,7 +302,7 @@ class SPAM(torch.optim.Optimizer):
         """One update of every param with a gradient; returns the closure's loss (None without a closure)."""
         loss = evaluate_closure(closure)
         n = self.total_step + 1
-        scale = warmup_scale(self.current_step, self.warmup_epoch)
+        scale = warmup_scale(self.current_step, self.param_groups[0]["warmup_epoch"])
         buckets, rules, shard_groups = self._prepare_buckets(n, scale)
         squared_norms = self._core(buckets, rules) if buckets else []
         self._record_grad_norm(squared_norms, shard_groups)
@@ -336,12 +339,13 @@ class SPAM(torch.optim.Optimizer):
             if "density" in group:
                 gap = group["update_proj_gap"]
             reset = _has_period(gap) and n % gap == 0
-            clip = (self.threshold != 0 and n >= self.grad_accu_steps
-                    and (not _has_period(gap) or n % gap >= self.grad_accu_steps))
+            clip = (group["threshold"] != 0 and n >= group["grad_accu_steps"]
+                    and (not _has_period(gap) or n % gap >= group["grad_accu_steps"]))
             group_clips.append(clip)
             for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
+                reject_complex_param("SPAM", p, param_index, group_index)
                 reject_sparse_grad("SPAM", p.grad, param_index, group_index)
                 state = self.state[p]
                 if "exp_avg" not in state:  # a param whose state a loaded state_dict lacked
@@ -390,13 +394,14 @@ class SPAM(torch.optim.Optimizer):
 
     def _bucket_rule(self, group: dict[str, Any], clip: bool, masked: bool, is_density_param: bool) -> BucketRule:
         """Weight decay: off at 0; for density params a no-op in the reference, masked entries in corrected."""
-        if group["weight_decay"] <= 0 or (is_density_param and self.variant == "reference"):
+        if group["weight_decay"] <= 0 or (is_density_param and group["variant"] == "reference"):
             decay = "none"
         else:
             decay = "masked" if masked else "all"
         beta1, beta2 = group["betas"]
-        return BucketRule(beta1=beta1, beta2=beta2, eps=group["eps"], threshold=float(self.threshold), clip=clip,
-                          spare_zero_v=self.variant == "corrected", masked=masked, decay=decay)
+        return BucketRule(beta1=beta1, beta2=beta2, eps=group["eps"], threshold=float(group["threshold"]),
+                          clip=clip, spare_zero_v=group["variant"] == "corrected", masked=masked, decay=decay,
+                          maximize=group["maximize"])
 
     @staticmethod
     def _step_size(group: dict[str, Any], step: int) -> float:
@@ -445,7 +450,10 @@ class SPAM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then undo torch's cast of every state tensor to the param dtype: masks stay bool and
         fp32 moments stay float32. Copies the tensors so the loaded dict is never aliased. Whole-shape state
-        of sharded params (a gathered checkpoint) is cut to this rank's shard."""
+        of sharded params (a gathered checkpoint) is cut to this rank's shard. A group saved by the other
+        variant is refused; one saved before the hyper-parameters were group keys gets the constructor's."""
+        check_variants_match("SPAM", self.param_groups,
+                             [group.get("variant") for group in state_dict["param_groups"]])
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)

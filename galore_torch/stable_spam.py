@@ -16,11 +16,13 @@ import torch
 import torch.distributed as dist
 
 from galore_torch.base import (
+    ConfiguredOptimizer,
+    check_variants_match,
     evaluate_closure,
+    reject_complex_param,
     reject_sparse_grad,
     validate_betas,
     validate_closed_unit_interval,
-    validate_group_hyperparameters,
     validate_non_negative,
     validate_non_negative_int,
     validate_positive_int,
@@ -78,6 +80,7 @@ class BucketRule(NamedTuple):
     decay: bool  # weight decay on
     reset_before: bool  # zero all moments (amsgrad's maximum included) before they are used
     reset_after: bool  # zero the two Adam moments after the update (the original's delayed reset)
+    maximize: bool  # step along +grad: the update of -grad
     sharded: bool  # the tensors are local shards (FSDP2): per-tensor statistics are reduced across ranks
 
 
@@ -105,7 +108,7 @@ def update_bucket(bucket: Bucket, rule: BucketRule) -> tuple[Tensors, Tensors]:
     operations did, the products of every moving average included: that is what makes bf16 EMAs stall where
     the original's did (spec a.5.9). Reads `grads` without writing them.
     """
-    grads = _compute_dtype_grads(bucket)
+    grads = _compute_dtype_grads(bucket, rule)
     clipped = _adaclip(bucket, rule, grads, [_abs_max(grad) for grad in grads])
     del grads
     return _adagn_and_adam(bucket, rule, clipped, [_norm(grad) for grad in clipped.gradients])
@@ -122,7 +125,7 @@ def update_buckets(buckets: list[Bucket], rules: list[BucketRule],
     """
     if not any(rule.sharded for rule in rules):
         return [update_bucket(bucket, rule) for bucket, rule in zip(buckets, rules)]
-    grads = [_compute_dtype_grads(bucket) for bucket in buckets]
+    grads = [_compute_dtype_grads(bucket, rule) for bucket, rule in zip(buckets, rules)]
     maxima = [[_shard_abs_max(grad) if rule.sharded else _abs_max(grad) for grad in bucket_grads]
               for bucket_grads, rule in zip(grads, rules)]
     maxima = _reduce_sharded(maxima, rules, dist.ReduceOp.MAX, shard_group)
@@ -150,9 +153,11 @@ class _Clipped(NamedTuple):
     gradients: Tensors
 
 
-def _compute_dtype_grads(bucket: Bucket) -> Tensors:
-    """The bucket's gradients in the compute dtype (the gradients themselves when they have it)."""
-    return [grad.to(bucket.coefficients.dtype) for grad in bucket.grads]
+def _compute_dtype_grads(bucket: Bucket, rule: BucketRule) -> Tensors:
+    """The bucket's gradients in the compute dtype (the gradients themselves when they have it), negated to
+    maximize: negation is exact, so the core then sees exactly what minimizing on -grad would."""
+    grads = [grad.to(bucket.coefficients.dtype) for grad in bucket.grads]
+    return torch._foreach_neg(grads) if rule.maximize else grads
 
 
 def _adaclip(bucket: Bucket, rule: BucketRule, grads: Tensors, maxima: Tensors) -> _Clipped:
@@ -321,7 +326,35 @@ def _working(tensors: Tensors, dtype: torch.dtype) -> Tensors:
     return [tensor.to(dtype) for tensor in tensors]
 
 
-class StableSPAM(torch.optim.Optimizer):
+def validate_hyperparameters(hparams: dict[str, Any], prefix: str = "") -> None:
+    """One-line ValueErrors naming the bad value (prefix says which param group, if any)."""
+    validate_non_negative(hparams["lr"], f"{prefix}lr")
+    validate_betas(hparams["betas"], f"{prefix}betas")
+    validate_non_negative(hparams["eps"], f"{prefix}eps")
+    validate_non_negative(hparams["weight_decay"], f"{prefix}weight_decay")
+    if hparams["gamma1"] != -1:
+        validate_unit_interval(hparams["gamma1"], f"{prefix}gamma1")
+    validate_unit_interval(hparams["gamma2"], f"{prefix}gamma2")
+    validate_unit_interval(hparams["gamma3"], f"{prefix}gamma3")
+    if hparams["total_T"] is not None:
+        validate_positive_int(hparams["total_T"], f"{prefix}total_T")
+    validate_closed_unit_interval(hparams["eta_min"], f"{prefix}eta_min")
+    validate_non_negative_int(hparams["update_proj_gap"], f"{prefix}update_proj_gap")
+    validate_variant(hparams["variant"], f"{prefix}variant")
+
+
+def _saved_variant(group: dict[str, Any], state: dict[Any, dict[str, Any]]) -> str | None:
+    """The variant a saved param group ran: its key, or for a state saved before it was one, what its params'
+    state shows (only the corrected variant counts `stat_step`); None when the group has no state yet."""
+    if "variant" in group:
+        return group["variant"]
+    saved = [state[i] for i in group["params"] if i in state]
+    if not saved:
+        return None
+    return "corrected" if "stat_step" in saved[0] else "reference"
+
+
+class StableSPAM(ConfiguredOptimizer):
     """Stable-SPAM, from "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam" (Huang et al., 2025).
 
     For each param tensor with a gradient, in this order: decoupled weight decay; AdaClip (entries with
@@ -340,8 +373,10 @@ class StableSPAM(torch.optim.Optimizer):
       3. s_t stays at eta_min after total_T + 1 steps (the original's closed-form cosine is periodic);
       4. amsgrad's running maximum is reset with the moments (the original never resets it).
     Both variants: the global step count is saved by `state_dict()` (as `total_steps` in the first param
-    group) so that a resumed run continues exactly; `step()` never writes `p.grad` and never syncs with the
-    device; params whose grad is None are skipped entirely (no decay, no counter increment, no reset).
+    group) so that a resumed run continues exactly; every hyper-parameter is a param-group key (as in
+    torch.optim: per group, saved by `state_dict()`; a state saved by the other variant is refused on load);
+    `step()` never writes `p.grad` and never syncs with the device; params whose grad is None are skipped
+    entirely (no decay, no counter increment, no reset).
 
     State per param: `step` (Adam's count, reset to 1 at a reset), `stat_step` (corrected only), `exp_avg`,
     `exp_avg_sq`, `max_exp_avg_sq` (amsgrad), the EMAs `m_max` (max|g|), `m_norm` (norm) and `v_norm`
@@ -363,13 +398,15 @@ class StableSPAM(torch.optim.Optimizer):
         eps: added to Adam's denominator and to AdaGN's (per group).
         weight_decay: decoupled weight decay p <- p * (1 - lr * weight_decay), before the update (per group).
         amsgrad: normalise by the running maximum of Adam's second moment (per group).
-        gamma1: AdaGN decay rate of the norm EMA, multiplied by s_t; -1 means betas[0].
-        gamma2: AdaGN decay rate of the squared-norm EMA.
-        gamma3: AdaClip decay rate of the max|g| EMA (theta in the paper).
-        total_T: length in steps of the cosine scale s_t; None keeps s_t = 1.
-        eta_min: the lowest value of s_t.
-        update_proj_gap: reset Adam's moments at every multiple of this many steps; 0 never resets.
-        variant: "reference" (the original's numbers) or "corrected" (bugs fixed, see above).
+        gamma1: AdaGN decay rate of the norm EMA, multiplied by s_t; -1 means the group's betas[0] (per group).
+        gamma2: AdaGN decay rate of the squared-norm EMA (per group).
+        gamma3: AdaClip decay rate of the max|g| EMA (theta in the paper) (per group).
+        total_T: length in steps of the cosine scale s_t; None keeps s_t = 1 (per group).
+        eta_min: the lowest value of s_t (per group).
+        update_proj_gap: reset Adam's moments at every multiple of this many global steps; 0 never resets
+            (per group).
+        variant: "reference" (the original's numbers) or "corrected" (bugs fixed, see above) (per group).
+        maximize: step along the gradient instead of against it (per group), as torch.optim's `maximize`.
         foreach: None or True; params are always updated as lists grouped by device and dtype.
         compile: run the update core through `torch.compile(fullgraph=True)`.
         fp32_state: keep moments and EMAs of bf16/fp16 params in float32 (the original keeps the param dtype).
@@ -390,43 +427,32 @@ class StableSPAM(torch.optim.Optimizer):
         eta_min: float = 0.5,
         update_proj_gap: int = 1000,
         variant: str = "reference",
+        maximize: bool = False,
         foreach: bool | None = None,
         compile: bool = False,
         fp32_state: bool = False,
     ):
-        validate_non_negative(lr, "lr")
-        validate_betas(betas)
-        validate_non_negative(eps, "eps")
-        validate_non_negative(weight_decay, "weight_decay")
-        if gamma1 != -1:
-            validate_unit_interval(gamma1, "gamma1")
-        validate_unit_interval(gamma2, "gamma2")
-        validate_unit_interval(gamma3, "gamma3")
-        if total_T is not None:
-            validate_positive_int(total_T, "total_T")
-        validate_closed_unit_interval(eta_min, "eta_min")
-        validate_non_negative_int(update_proj_gap, "update_proj_gap")
-        validate_variant(variant)
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad,
+                    "gamma1": gamma1, "gamma2": gamma2, "gamma3": gamma3, "total_T": total_T, "eta_min": eta_min,
+                    "update_proj_gap": update_proj_gap, "variant": variant, "maximize": maximize}
+        validate_hyperparameters(defaults)
         if foreach not in (None, True):
             raise ValueError(f"invalid foreach: {foreach!r} (StableSPAM only has the multi-tensor "
                              "implementation; pass None or True)")
-        self.gamma1 = betas[0] if gamma1 == -1 else gamma1
-        self.gamma2 = gamma2
-        self.theta = gamma3
-        self.total_T = total_T
-        self.eta_min = eta_min
-        self.update_proj_gap = update_proj_gap
-        self.variant = variant
-        self.fp32_state = fp32_state
-        self._core: Callable[..., list[tuple[Tensors, Tensors]]] = update_buckets
-        if compile:
-            # emulate_precision_casts: keep the explicit bf16 roundings that make bf16 EMAs stall as in eager
-            self._core = torch.compile(update_buckets, fullgraph=True, options={"emulate_precision_casts": True})
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad}
+        self._configure({"compile": compile, "fp32_state": fp32_state})
         super().__init__(params, defaults)
         # Kept in the first group so that state_dict() carries it and `state` holds only per-param entries
         # (torch.distributed.checkpoint maps every state key to a param).
         self.param_groups[0]["total_steps"] = 0
+
+    def _configure(self, settings: dict[str, Any]) -> None:
+        """Set the settings that are not hyper-parameters, and the core."""
+        self.settings = settings
+        self.fp32_state = settings["fp32_state"]
+        self._core: Callable[..., list[tuple[Tensors, Tensors]]] = update_buckets
+        if settings["compile"]:
+            # emulate_precision_casts: keep the explicit bf16 roundings that make bf16 EMAs stall as in eager
+            self._core = torch.compile(update_buckets, fullgraph=True, options={"emulate_precision_casts": True})
 
     @property
     def total_steps(self) -> int:
@@ -439,17 +465,19 @@ class StableSPAM(torch.optim.Optimizer):
         loss = evaluate_closure(closure)
         t = self.total_steps + 1
         self.param_groups[0]["total_steps"] = t
-        scale = cosine_scale(t, self.total_T, self.eta_min, clamp=self.variant == "corrected")
-        reset = self.update_proj_gap != 0 and t % self.update_proj_gap == 0
         members, buckets, rules, shard_groups = [], [], [], set()
         for group_index, group in enumerate(self.param_groups):
+            corrected = group["variant"] == "corrected"
+            scale = cosine_scale(t, group["total_T"], group["eta_min"], clamp=corrected)
+            reset = group["update_proj_gap"] != 0 and t % group["update_proj_gap"] == 0
             for (_, _, process_group), entries in self._advance_counters(group_index, group, reset).items():
                 members.append(entries)
                 buckets.append(self._bucket(group, entries, scale))
                 rules.append(BucketRule(
-                    theta=self.theta, gamma2=self.gamma2, beta2=group["betas"][1], eps=group["eps"],
-                    decay=group["weight_decay"] != 0, reset_before=reset and self.variant == "corrected",
-                    reset_after=reset and self.variant == "reference", sharded=process_group is not None,
+                    theta=group["gamma3"], gamma2=group["gamma2"], beta2=group["betas"][1], eps=group["eps"],
+                    decay=group["weight_decay"] != 0, reset_before=reset and corrected,
+                    reset_after=reset and not corrected, maximize=group["maximize"],
+                    sharded=process_group is not None,
                 ))
                 shard_groups.add(process_group)
         if not buckets:
@@ -466,8 +494,8 @@ class StableSPAM(torch.optim.Optimizer):
         return loss
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Validate the group's own lr, betas, eps and weight_decay, then add it."""
-        validate_group_hyperparameters({**self.defaults, **param_group}, len(self.param_groups))
+        """Validate the group's own hyper-parameters, then add it."""
+        validate_hyperparameters({**self.defaults, **param_group}, f"param group {len(self.param_groups)} ")
         super().add_param_group(param_group)
 
     def _advance_counters(self, group_index: int, group: dict[str, Any], reset: bool) -> dict[tuple, list[Member]]:
@@ -479,11 +507,12 @@ class StableSPAM(torch.optim.Optimizer):
         for param_index, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
+            reject_complex_param("StableSPAM", p, param_index, group_index)
             reject_sparse_grad("StableSPAM", p.grad, param_index, group_index)
             state = self.state[p]
             if "exp_avg" not in state:
-                self._init_state(state, p, group["amsgrad"])
-            if self.variant == "corrected":
+                self._init_state(state, p, group)
+            if group["variant"] == "corrected":
                 state["stat_step"] += 1
                 stat_step = state["stat_step"]
             else:
@@ -495,8 +524,9 @@ class StableSPAM(torch.optim.Optimizer):
     def _bucket(self, group: dict[str, Any], entries: list[Member], scale: float) -> Bucket:
         """The core's input for params of one device and dtype, with the step's numbers computed in the
         original's float order. Sharded params (DTensors) enter as their local shards."""
-        lr, (beta1, beta2) = group["lr"], group["betas"]
-        gamma1_scaled, beta1_scaled = self.gamma1 * scale, beta1 * scale
+        lr, (beta1, beta2), theta, gamma2 = group["lr"], group["betas"], group["gamma3"], group["gamma2"]
+        gamma1 = beta1 if group["gamma1"] == -1 else group["gamma1"]
+        gamma1_scaled, beta1_scaled = gamma1 * scale, beta1 * scale
         columns = []
         for _, state, stat_step in entries:
             columns.append(Coefficients(
@@ -505,9 +535,9 @@ class StableSPAM(torch.optim.Optimizer):
                 one_minus_gamma1_scaled=1 - gamma1_scaled,
                 beta1_scaled=beta1_scaled,
                 one_minus_beta1_scaled=1 - beta1_scaled,
-                clip_bias_correction=1 - self.theta**stat_step,
+                clip_bias_correction=1 - theta**stat_step,
                 norm_bias_correction=1 - gamma1_scaled**stat_step,
-                sq_norm_bias_correction=1 - self.gamma2**stat_step,
+                sq_norm_bias_correction=1 - gamma2**stat_step,
                 step_size=lr / (1 - beta1_scaled ** state["step"]),
                 inverse_bias_correction2_sqrt=1 / math.sqrt(1 - beta2 ** state["step"]),
             ))
@@ -532,14 +562,14 @@ class StableSPAM(torch.optim.Optimizer):
         """The param dtype, or float32 for bf16/fp16 params with `fp32_state`."""
         return torch.promote_types(p.dtype, torch.float32) if self.fp32_state else p.dtype
 
-    def _init_state(self, state: dict[str, Any], p: torch.Tensor, amsgrad: bool) -> None:
+    def _init_state(self, state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:
         dtype = self._state_dtype(p)
         state["step"] = 0
-        if self.variant == "corrected":
+        if group["variant"] == "corrected":
             state["stat_step"] = 0
         state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        if amsgrad:
+        if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         for key in ("m_max", "m_norm", "v_norm"):
             state[key] = torch.zeros((), dtype=dtype, device=p.device)
@@ -547,10 +577,13 @@ class StableSPAM(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load, then undo torch's cast of every state tensor to the param dtype so that float32 state of
         bf16 params stays float32. Copies the tensors so the loaded dict is never aliased. Whole-shape moments
-        of sharded params (a gathered checkpoint) are cut to this rank's shard."""
+        of sharded params (a gathered checkpoint) are cut to this rank's shard. A group saved by the other
+        variant is refused; one saved before the hyper-parameters were group keys gets the constructor's."""
         if "total_steps" not in state_dict["param_groups"][0]:
             raise ValueError("this optimizer state has no total_steps in its first param group: it was not "
                              "saved by StableSPAM.state_dict()")
+        check_variants_match("StableSPAM", self.param_groups,
+                             [_saved_variant(group, state_dict["state"]) for group in state_dict["param_groups"]])
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(group["params"] for group in state_dict["param_groups"])
         params = chain.from_iterable(group["params"] for group in self.param_groups)

@@ -145,7 +145,7 @@ def build_model(config: LlamaConfig, *, dtype: str, device: torch.device,
         model = LlamaForCausalLM(config)
     quantized = []
     if weight_quant is not None or act_quant is not None:
-        quantized = quantize_linears(model, weight=weight_quant, activation=act_quant)
+        quantized = quantize_linears(model, weight_config=weight_quant, activation_config=act_quant)
     if activation_checkpointing:
         # Non-reentrant checkpointing is the one that works with DDP's no_sync accumulation.
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

@@ -24,6 +24,9 @@ def fake_quantize(x: Tensor, config: QuantConfig, generator: torch.Generator | N
     """The values `x` takes after a round trip through `config`'s format: same shape and dtype, new tensor.
 
     Not differentiable (the result is detached); `QuantLinear` provides the straight-through backward.
+    A NaN or infinity never reaches another scale group or block: the block formats' block holding one comes
+    out all NaN; an int/fp4_ref group holding one comes out NaN, unless it is one of the group's top-k outliers,
+    which are kept as they are.
 
     Args:
         x: floating-point tensor; "int"/"fp4_ref" need numel divisible by group_size.

@@ -55,7 +55,9 @@ def quantized_linear(
 class QuantLinear(nn.Linear):
     """nn.Linear with simulated low-bit weights and/or inputs (either config may be None).
 
-    Parameters and state_dict keys are those of nn.Linear, so optimizers and checkpoints see no difference.
+    Parameters and state_dict keys are those of the converted layer, so optimizers and checkpoints see no
+    difference. A layer converted from a GPT-2-style `Conv1D` keeps that layer's (in, out) weight
+    (`transposed_weight`) and quantises its transpose, exactly as the equivalent nn.Linear's weight.
     `generator` (None: the global RNG) drives stochastic rounding; a training loop may set and checkpoint it.
     """
 
@@ -75,18 +77,24 @@ class QuantLinear(nn.Linear):
         self.weight_config = weight_config
         self.activation_config = activation_config
         self.generator: torch.Generator | None = None
+        self.transposed_weight = False
 
     @classmethod
     def from_linear(
         cls,
-        linear: nn.Linear,
+        linear: nn.Module,
         weight_config: QuantConfig | None = None,
         activation_config: QuantConfig | None = None,
     ) -> "QuantLinear":
-        """A QuantLinear that owns `linear`'s own Parameter objects (moved, not copied)."""
+        """A QuantLinear that owns `linear`'s own Parameter objects (moved, not copied).
+
+        `linear` is an nn.Linear (a QuantLinear included) or a Hugging Face GPT-2-style `Conv1D`.
+        """
+        transposed = is_conv1d(linear) or getattr(linear, "transposed_weight", False)
+        in_features, out_features = linear.weight.shape if transposed else linear.weight.shape[::-1]
         layer = cls(
-            linear.in_features,
-            linear.out_features,
+            in_features,
+            out_features,
             bias=linear.bias is not None,
             device="meta",
             weight_config=weight_config,
@@ -94,23 +102,35 @@ class QuantLinear(nn.Linear):
         )
         layer.weight = linear.weight
         layer.bias = linear.bias
+        layer.transposed_weight = transposed
         return layer.train(linear.training)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear owning this layer's Parameter objects."""
+        if self.transposed_weight:
+            raise ValueError("invalid layer: it holds a Conv1D's (in, out) weight, which an nn.Linear cannot "
+                             "own; keep the QuantLinear, or build an nn.Linear from weight.t()")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight = self.weight
         linear.bias = self.bias
         return linear.train(self.training)
 
     def forward(self, input: Tensor) -> Tensor:
-        return quantized_linear(
-            input, self.weight, self.bias, self.weight_config, self.activation_config, self.generator
-        )
+        weight = self.weight.t() if self.transposed_weight else self.weight
+        return quantized_linear(input, weight, self.bias, self.weight_config, self.activation_config, self.generator)
 
     def extra_repr(self) -> str:
         configs = f"weight_config={self.weight_config}, activation_config={self.activation_config}"
-        return f"{super().extra_repr()}, {configs}"
+        transposed = ", transposed_weight=True" if self.transposed_weight else ""
+        return f"{super().extra_repr()}, {configs}{transposed}"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A Hugging Face `Conv1D` (GPT-2's projections: y = x @ W + b, W of shape (in, out)), recognised by its
+    class name and `nf` (its output size) so that this package need not import transformers."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, Tensor) and weight.dim() == 2
+            and weight.shape[1] == getattr(module, "nf", None))
 
 
 def _check_weight_groups(config: QuantConfig | None, in_features: int, out_features: int) -> None:

@@ -1,5 +1,6 @@
 """Adafactor must reproduce transformers' Adafactor (the class the reference's baselines ran) bit for bit."""
 
+import inspect
 import io
 
 import pytest
@@ -10,6 +11,8 @@ from galore_torch.adafactor import Adafactor
 # The reference's fixed arguments (StableSPAM utils/setup.py); lr, beta1 and weight_decay come from its flags.
 REFERENCE_ARGUMENTS = {"eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8, "relative_step": False,
                        "scale_parameter": False, "warmup_init": False}
+# A fixed learning rate, as in the reference (the class defaults are transformers' relative step size).
+FIXED_LR = {"relative_step": False, "scale_parameter": False}
 SHAPES = [(6, 5), (5,), (3, 4, 5)]  # a matrix (factored), a vector (full second moment), a 3-D tensor
 
 
@@ -29,6 +32,7 @@ def train(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], steps: i
 
 
 CONFIGURATIONS = {
+    "defaults": {},
     "reference": dict(REFERENCE_ARGUMENTS, lr=1e-2),
     "reference+beta1+wd": dict(REFERENCE_ARGUMENTS, lr=1e-2, beta1=0.9, weight_decay=0.1),
     "scale_parameter+wd": dict(REFERENCE_ARGUMENTS, lr=1e-2, weight_decay=0.1, scale_parameter=True),
@@ -36,6 +40,14 @@ CONFIGURATIONS = {
                                                    relative_step=True, scale_parameter=True),
     "warmup_init": dict(REFERENCE_ARGUMENTS, lr=None, relative_step=True, warmup_init=True),
 }
+
+
+def test_defaults_are_transformers_defaults():
+    transformers_optimization = pytest.importorskip("transformers.optimization")
+    ours = inspect.signature(Adafactor).parameters
+    theirs = inspect.signature(transformers_optimization.Adafactor).parameters
+    assert list(ours) == list(theirs)
+    assert {name: p.default for name, p in ours.items()} == {name: p.default for name, p in theirs.items()}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -61,7 +73,7 @@ def test_first_step_by_hand_with_update_clipping():
     lr, eps1 = 0.1, 1e-30
     vector = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64, requires_grad=True)
     matrix = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
-    optimizer = Adafactor([vector, matrix], lr=lr, eps=(eps1, 1e-3), clip_threshold=0.5)
+    optimizer = Adafactor([vector, matrix], lr=lr, eps=(eps1, 1e-3), clip_threshold=0.5, **FIXED_LR)
     vector.grad = torch.tensor([3.0, -0.25, 1e-3], dtype=torch.float64)
     matrix.grad = torch.outer(torch.tensor([1.0, -2.0], dtype=torch.float64),
                               torch.tensor([0.5, 4.0, -1.0], dtype=torch.float64))
@@ -76,7 +88,7 @@ def test_first_step_by_hand_with_update_clipping():
 
 def test_factored_statistics_cover_the_last_two_dims():
     params = make_params(torch.float32)
-    optimizer = Adafactor(params, lr=1e-2, beta1=0.9)
+    optimizer = Adafactor(params, lr=1e-2, beta1=0.9, **FIXED_LR)
     train(optimizer, params, steps=1)
     state = optimizer.state[params[2]]  # shape (3, 4, 5)
     assert state["exp_avg_sq_row"].shape == (3, 4) and state["exp_avg_sq_col"].shape == (3, 5)
@@ -105,7 +117,7 @@ def test_state_dict_round_trip_resumes_bitwise(dtype):
 
 def test_bf16_params_keep_their_dtype_and_get_fp32_statistics():
     params = make_params(torch.bfloat16)
-    optimizer = Adafactor(params, lr=1e-2, beta1=0.9)
+    optimizer = Adafactor(params, lr=1e-2, beta1=0.9, **FIXED_LR)
     before = [p.detach().clone() for p in params]
     train(optimizer, params, steps=1)
     for p, old in zip(params, before):
@@ -116,7 +128,7 @@ def test_bf16_params_keep_their_dtype_and_get_fp32_statistics():
 def test_step_returns_closure_loss_skips_params_without_grad_and_leaves_grad_untouched():
     model = torch.nn.Linear(3, 2)
     skipped = torch.ones(2, requires_grad=True)
-    optimizer = Adafactor([*model.parameters(), skipped], lr=1e-2)
+    optimizer = Adafactor([*model.parameters(), skipped], lr=1e-2, **FIXED_LR)
 
     def closure():
         optimizer.zero_grad()
@@ -133,16 +145,16 @@ def test_step_returns_closure_loss_skips_params_without_grad_and_leaves_grad_unt
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({}, "lr: None needs relative_step=True"),
-    ({"lr": 1e-2, "relative_step": True}, "lr: 0.01 with relative_step=True"),
-    ({"lr": 1e-2, "warmup_init": True}, "warmup_init"),
-    ({"lr": -1e-2}, "lr"),
-    ({"lr": 1e-2, "eps": (1e-30,)}, "eps"),
-    ({"lr": 1e-2, "eps": (-1.0, 1e-3)}, r"eps\[0\]"),
-    ({"lr": 1e-2, "clip_threshold": 0.0}, "clip_threshold"),
-    ({"lr": 1e-2, "decay_rate": 0.8}, "decay_rate"),
-    ({"lr": 1e-2, "beta1": 1.0}, "beta1"),
-    ({"lr": 1e-2, "weight_decay": -0.1}, "weight_decay"),
+    ({"relative_step": False}, "lr: None needs relative_step=True"),
+    ({"lr": 1e-2}, "lr: 0.01 with relative_step=True"),
+    ({"lr": 1e-2, "relative_step": False, "warmup_init": True}, "warmup_init"),
+    ({"lr": -1e-2, "relative_step": False}, "lr"),
+    ({"eps": (1e-30,)}, "eps"),
+    ({"eps": (-1.0, 1e-3)}, r"eps\[0\]"),
+    ({"clip_threshold": 0.0}, "clip_threshold"),
+    ({"decay_rate": 0.8}, "decay_rate"),
+    ({"beta1": 1.0}, "beta1"),
+    ({"weight_decay": -0.1}, "weight_decay"),
 ])
 def test_invalid_arguments_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -153,7 +165,7 @@ def test_invalid_param_group_values_name_the_group():
     groups = [{"params": [torch.zeros(2, requires_grad=True)]},
               {"params": [torch.zeros(2, requires_grad=True)], "beta1": 1.5}]
     with pytest.raises(ValueError, match="param group 1 beta1"):
-        Adafactor(groups, lr=1e-2)
+        Adafactor(groups, lr=1e-2, **FIXED_LR)
 
 
 def test_loss_decreases_on_a_tiny_regression():
@@ -161,7 +173,7 @@ def test_loss_decreases_on_a_tiny_regression():
     inputs = torch.randn(64, 8)
     targets = inputs @ torch.randn(8, 1)
     model = torch.nn.Linear(8, 1)
-    optimizer = Adafactor(model.parameters(), lr=1e-2, beta1=0.9)
+    optimizer = Adafactor(model.parameters(), lr=1e-2, beta1=0.9, **FIXED_LR)
     losses = []
     for _ in range(200):
         optimizer.zero_grad()

@@ -175,7 +175,7 @@ def quantized_gradients(ctx: DistributedContext, weight: QuantConfig, activation
     """Largest gradient difference between a quantized FSDP2 model and the same model unsharded."""
     torch.manual_seed(0)
     reference = tiny_llama()
-    quantize_linears(reference, weight=weight, activation=activation)
+    quantize_linears(reference, weight_config=weight, activation_config=activation)
     sharded = shard_model(copy.deepcopy(reference), ctx)
     batch = global_batch(0)
     backward_like_two_ranks(reference, batch)

@@ -131,3 +131,18 @@ def test_loss_decreases_on_a_tiny_regression():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def test_state_saved_before_maximize_existed_loads_and_minimizes():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    saved = Lion(model.parameters(), lr=1e-2).state_dict()
+    del saved["param_groups"][0]["maximize"]
+    resumed = Lion(model.parameters(), lr=1e-2)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["maximize"] is False
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    resumed.step()
+    assert all(torch.equal(p, b - 1e-2) for p, b in zip(model.parameters(), before))

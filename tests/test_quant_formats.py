@@ -387,3 +387,23 @@ def test_cuda_matches_cpu(name):
     x = gaussian(16, 2736, seed=15)  # a ragged last block for mxfp4; int/fp4_ref groups straddle rows
     expected = fake_quantize(x, DETERMINISTIC[name])
     assert torch.equal(fake_quantize(x.cuda(), DETERMINISTIC[name]).cpu(), expected)
+
+
+# ---- NaN and infinity stay in their block or group ------------------------------------------------------
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_a_non_finite_value_stays_in_its_block_or_group(name, bad):
+    """NVFP4 took its per-tensor scale over a NaN (falling back to 1, which zeroed or clipped every block) or
+    an infinity (every output NaN); MXFP4 turned an infinity into a finite 6 * 2^126 and zeroed its block.
+    Now every other block/group is what it would be with that entry 0, and a block format's block is NaN."""
+    config = DETERMINISTIC[name]
+    x = gaussian(4, 512, seed=3)
+    x[0] *= 100.0  # the largest values sit in the row that will also hold the non-finite entry
+    x[0, 5] = bad
+    out = fake_quantize(x, config)
+    expected = fake_quantize(torch.where(torch.isfinite(x), x, 0.0), config)
+    group = 256 if name in ("int_w", "int_a", "fp4_ref") else config.group_size
+    assert torch.equal(out[0, group:], expected[0, group:]) and torch.equal(out[1:], expected[1:])
+    if name in ("e2m1", "mxfp4", "nvfp4"):
+        assert out[0, :group].isnan().all()

@@ -196,8 +196,90 @@ def test_quantize_linears_rejects_targets_that_match_nothing():
     model = tiny_llama()
     with pytest.raises(ValueError, match="targets"):
         quantize_linears(model, *W4A4["int"], targets=("qkv_proj",))
-    with pytest.raises(ValueError, match="weight/activation"):
+    with pytest.raises(ValueError, match="weight_config/activation_config"):
         quantize_linears(model)
+
+
+def test_quantize_linears_keywords_match_from_linear_and_old_names_are_deprecated():
+    weight_config, activation_config = W4A4["int"]
+    model = tiny_llama()
+    quantize_linears(model, weight_config=weight_config, activation_config=activation_config)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert (layer.weight_config, layer.activation_config) == (weight_config, activation_config)
+    old_style = tiny_llama()
+    with pytest.warns(DeprecationWarning, match="weight_config"):
+        quantize_linears(old_style, weight=weight_config, activation=activation_config)
+    layer = old_style.model.layers[0].self_attn.q_proj
+    assert (layer.weight_config, layer.activation_config) == (weight_config, activation_config)
+    with pytest.raises(ValueError, match="invalid weight: given together with weight_config"):
+        quantize_linears(tiny_llama(), weight=weight_config, weight_config=weight_config)
+
+
+# ---- GPT-2's Conv1D (y = x @ W + b, W stored (in, out)) ------------------------------------------------
+
+def make_conv1d(in_features=64, out_features=48, seed=0):
+    pytorch_utils = pytest.importorskip("transformers.pytorch_utils")
+    torch.manual_seed(seed)
+    conv = pytorch_utils.Conv1D(out_features, in_features)
+    nn.init.normal_(conv.bias)
+    return conv
+
+
+def test_conv1d_becomes_a_quant_linear_keeping_its_weight():
+    conv = make_conv1d()
+    layer = QuantLinear.from_linear(conv)
+    assert layer.weight is conv.weight and layer.bias is conv.bias and layer.transposed_weight
+    assert (layer.in_features, layer.out_features) == (64, 48)
+    assert list(layer.state_dict()) == list(conv.state_dict())
+    x = seeded(4, 8, 64, seed=1)
+    torch.testing.assert_close(layer(x), conv(x))  # no quantisation: the float layer
+    with pytest.raises(ValueError, match="Conv1D"):
+        layer.to_linear()
+
+
+@pytest.mark.parametrize("name", W4A4)
+def test_quantized_conv1d_matches_the_equivalent_nn_linear(name):
+    """Forward and straight-through backward bitwise equal to an nn.Linear holding weight.t(); the Conv1D's
+    weight gets the transposed gradient."""
+    conv = make_conv1d()
+    linear = make_linear()
+    with torch.no_grad():
+        linear.weight.copy_(conv.weight.t())
+        linear.bias.copy_(conv.bias)
+    x, grad_output = seeded(4, 8, 64, seed=2), seeded(4, 8, 48, seed=3)
+    from_conv = run_layer(QuantLinear.from_linear(conv, *W4A4[name]), x, grad_output)
+    from_linear = run_layer(QuantLinear.from_linear(linear, *W4A4[name]), x, grad_output)
+    assert torch.equal(from_conv[0], from_linear[0]) and torch.equal(from_conv[1], from_linear[1])
+    assert torch.equal(from_conv[2], from_linear[2].t()) and torch.equal(from_conv[3], from_linear[3])
+
+
+def tiny_gpt2(seed=0):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_quantize_linears_converts_gpt2_conv1d_projections():
+    model = tiny_gpt2()
+    keys, parameters = list(model.state_dict()), {id(p) for p in model.parameters()}
+    with pytest.raises(ValueError, match="'c_attn' for GPT-2"):
+        quantize_linears(model, *W4A4["nvfp4"])  # the LLaMA names match nothing here
+    converted = quantize_linears(model, *W4A4["nvfp4"], targets=("c_attn", "c_proj", "c_fc"))
+    assert converted == [f"transformer.h.{i}.{block}" for i in range(2)
+                         for block in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+    assert type(model.lm_head) is nn.Linear
+    assert list(model.state_dict()) == keys and {id(p) for p in model.parameters()} == parameters
+    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
 
 
 @pytest.mark.parametrize("name", W4A4)

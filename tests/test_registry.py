@@ -1,3 +1,6 @@
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -26,11 +29,93 @@ def test_project_optimizers_registered():
     assert get_optimizer_class("lion") is Lion
 
 
-@pytest.mark.parametrize("name", ["adafactor", "lion", "spam", "stablespam"])
+OUR_OPTIMIZERS = ["adafactor", "lion", "spam", "stablespam"]
+
+
+@pytest.mark.parametrize("name", OUR_OPTIMIZERS)
 def test_our_optimizers_refuse_sparse_gradients(name):
     """Sparse gradients would silently skip the dense foreach/compiled paths: refused with one line instead."""
     embedding = torch.nn.Embedding(10, 3, sparse=True)
-    optimizer = get_optimizer_class(name)(embedding.parameters(), lr=1e-3)
+    optimizer = get_optimizer_class(name)(embedding.parameters())
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
         optimizer.step()
+
+
+@pytest.mark.parametrize("name", OUR_OPTIMIZERS)
+def test_our_optimizers_refuse_complex_params(name):
+    """SPAM and Adafactor would update a complex param wrongly, Lion and StableSPAM fail inside torch: refused
+    with one line naming the param and its dtype instead."""
+    real = torch.zeros(2, requires_grad=True)
+    complex_param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    optimizer = get_optimizer_class(name)([real, complex_param])
+    real.grad = torch.ones(2)
+    complex_param.grad = torch.ones(3, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"complex parameters \(param 1 of param group 0 has dtype "
+                                         r"torch.complex64\).*torch.view_as_real"):
+        optimizer.step()
+
+
+def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4, generator=generator)).pow(2).mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))],
+                         ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", OUR_OPTIMIZERS)
+def test_copies_of_our_optimizers_continue_exactly(name, copy_of):
+    """torch pickles only defaults, state and param groups: whatever else an optimizer needs must travel
+    too (a StableSPAM copy raised AttributeError: 'total_T' at its first step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = get_optimizer_class(name)(model.parameters())
+    _train(model, optimizer, steps=3, seed=1)
+    copied_model, copied_optimizer = copy_of((model, optimizer))
+    _train(model, optimizer, steps=3, seed=2)
+    _train(copied_model, copied_optimizer, steps=3, seed=2)
+    for p, q in zip(model.parameters(), copied_model.parameters()):
+        assert torch.equal(p, q)
+
+
+MAXIMIZE_CASES = {
+    "lion": ("lion", {}),
+    "spam": ("spam", {"grad_accu_steps": 2, "warmup_epoch": 2}),
+    "spam-compiled": ("spam", {"grad_accu_steps": 2, "warmup_epoch": 2, "compile": True}),
+    "stablespam": ("stablespam", {"update_proj_gap": 4, "total_T": 6}),
+    "stablespam-compiled": ("stablespam", {"update_proj_gap": 4, "total_T": 6, "compile": True}),
+}
+
+
+def _maximize_run(name: str, kwargs: dict, maximize: bool) -> list[torch.Tensor]:
+    """Eight steps on gradients g(p) (noise, a pull and spikes) with maximize, or on -g(p) without it."""
+    torch.manual_seed(0)  # SPAM draws its masks at construction
+    params = [torch.randn(6, 5, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(2)]
+    groups = [{"params": params[:1]}, {"params": params[1:]}]
+    if name == "spam":
+        groups[1].update(density=0.5, update_proj_gap=4)  # masked entries and resets
+    optimizer = get_optimizer_class(name)(groups, lr=1e-2, maximize=maximize, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(8):
+        for p in params:
+            grad = torch.randn(p.shape, generator=generator) + 0.5 * p.detach()
+            if step % 3 == 2:
+                grad[0, 0] *= 1000.0
+            p.grad = grad if maximize else -grad
+        expected_grads = [p.grad.clone() for p in params]
+        optimizer.step()
+        assert all(torch.equal(p.grad, g) for p, g in zip(params, expected_grads))
+    return params
+
+
+@pytest.mark.parametrize("case", MAXIMIZE_CASES)
+def test_maximize_steps_on_minus_the_gradient(case):
+    """torch.optim's `maximize`: maximizing with gradient g is exactly minimizing with -g."""
+    name, kwargs = MAXIMIZE_CASES[case]
+    maximized = _maximize_run(name, kwargs, maximize=True)
+    minimized = _maximize_run(name, kwargs, maximize=False)
+    for p, q in zip(maximized, minimized):
+        assert torch.equal(p, q)

@@ -440,6 +440,65 @@ def test_state_dict_round_trip_is_exact_across_a_mask_refresh(variant):
     assert (resumed.total_step, resumed.current_step) == (optimizer.total_step, optimizer.current_step) == (30, 1)
 
 
+SPAM_HYPER_PARAMETERS = {"warmup_epoch": 3, "threshold": 500.0, "grad_accu_steps": 2, "variant": "corrected",
+                         "maximize": False}
+
+
+def test_hyper_parameters_are_param_group_keys_saved_by_state_dict():
+    params = make_params(torch.float32)
+    optimizer = SPAM(param_groups(params, 0.5, 10), **SPAM_HYPER_PARAMETERS)
+    saved = optimizer.state_dict()
+    assert all(group.items() >= SPAM_HYPER_PARAMETERS.items() for group in saved["param_groups"])
+    resumed = SPAM(param_groups(params, 0.5, 10), warmup_epoch=3, variant="corrected")
+    resumed.load_state_dict(saved)
+    assert all(group.items() >= SPAM_HYPER_PARAMETERS.items() for group in resumed.param_groups)
+
+
+def test_per_group_threshold_and_variant_match_one_optimizer_per_group():
+    together_params, apart_params = make_params(torch.float64), make_params(torch.float64)
+    other = {"threshold": 50.0, "grad_accu_steps": 5, "variant": "reference"}
+    together = SPAM([{"params": [together_params["emb"], together_params["bias"]], **other},
+                     {"params": [together_params["w1"], together_params["norm"]]}], lr=2e-2, weight_decay=0.1,
+                    warmup_epoch=3, variant="corrected", grad_accu_steps=2)
+    apart = [SPAM([apart_params["emb"], apart_params["bias"]], lr=2e-2, weight_decay=0.1, warmup_epoch=3, **other),
+             SPAM([apart_params["w1"], apart_params["norm"]], lr=2e-2, weight_decay=0.1, warmup_epoch=3,
+                  variant="corrected", grad_accu_steps=2)]
+    for run_params, optimizers in ((together_params, [together]), (apart_params, apart)):
+        del run_params["w2"]
+        generator = torch.Generator().manual_seed(1)
+        for step in range(1, 12):
+            set_gradients(run_params, step, generator)
+            for optimizer in optimizers:
+                optimizer.step()
+    for name, p in together_params.items():
+        assert torch.equal(p, apart_params[name]), name
+
+
+def test_warmup_epoch_is_optimizer_wide():
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]},
+              {"params": [torch.nn.Parameter(torch.zeros(2))], "warmup_epoch": 5}]
+    with pytest.raises(ValueError, match="param group 1 warmup_epoch: 5 .*optimizer-wide"):
+        SPAM(groups, warmup_epoch=3)
+
+
+def test_loading_a_state_of_the_other_variant_is_refused():
+    params = make_params(torch.float32)
+    saved = SPAM(param_groups(params, 0.5, 10), variant="corrected").state_dict()
+    with pytest.raises(ValueError, match="param group 0 .*variant='corrected'.*variant='reference'"):
+        SPAM(param_groups(params, 0.5, 10)).load_state_dict(saved)
+
+
+def test_old_checkpoint_without_hyper_parameter_keys_loads_with_the_constructor_values():
+    params = make_params(torch.float32)
+    saved = SPAM(param_groups(params, 0.5, 10), **SPAM_HYPER_PARAMETERS).state_dict()
+    for group in saved["param_groups"]:
+        for key in SPAM_HYPER_PARAMETERS:
+            del group[key]
+    resumed = SPAM(param_groups(params, 0.5, 10), **SPAM_HYPER_PARAMETERS)
+    resumed.load_state_dict(saved)
+    assert all(group.items() >= SPAM_HYPER_PARAMETERS.items() for group in resumed.param_groups)
+
+
 def test_deepcopy_carries_the_settings():
     torch.manual_seed(0)
     params = make_params(torch.float32)
@@ -449,7 +508,8 @@ def test_deepcopy_carries_the_settings():
         set_gradients(params, step, generator)
         optimizer.step()
     copied_params, copied = copy.deepcopy((params, optimizer))
-    assert (copied.warmup_epoch, copied.variant, copied.total_step) == (3, "corrected", 5)
+    assert (copied.param_groups[1]["warmup_epoch"], copied.param_groups[1]["variant"], copied.total_step) == \
+        (3, "corrected", 5)
     rng, grads_state = torch.get_rng_state(), generator.get_state()
     for run_params, run_optimizer in ((params, optimizer), (copied_params, copied)):
         torch.set_rng_state(rng)

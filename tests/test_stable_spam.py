@@ -402,6 +402,110 @@ def test_state_dict_round_trip_resumes_exactly(variant):
             assert torch.equal(value, resumed) if isinstance(value, torch.Tensor) else value == resumed
 
 
+HYPER_PARAMETERS = {"gamma1": 0.6, "gamma2": 0.8, "gamma3": 0.99, "total_T": 8, "eta_min": 0.3,
+                    "update_proj_gap": 4, "variant": "corrected", "maximize": False}
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+
+def assert_same_params_and_state(model, opt, other_model, other_opt):
+    for p, q in zip(model.parameters(), other_model.parameters()):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            other = other_opt.state[q][key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+def test_hyper_parameters_are_param_group_keys_saved_by_state_dict():
+    model = tiny_model()
+    opt = StableSPAM(model.parameters(), lr=1e-2, **HYPER_PARAMETERS)
+    train(model, opt, steps=3, seed=1)
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0].items() >= HYPER_PARAMETERS.items()
+
+    # loading restores them, as torch.optim does: the saved values win over the constructor's
+    resumed_model = copy.deepcopy(model)
+    resumed_opt = StableSPAM(resumed_model.parameters(), lr=1e-2, variant="corrected")
+    resumed_opt.load_state_dict(saved)
+    assert resumed_opt.state_dict()["param_groups"] == saved["param_groups"]
+    train(model, opt, steps=6, seed=2)
+    train(resumed_model, resumed_opt, steps=6, seed=2)
+    assert_same_params_and_state(model, opt, resumed_model, resumed_opt)
+
+
+def test_per_group_hyper_parameters_match_one_optimizer_per_group():
+    """Every hyper-parameter, the variant included, can differ between param groups."""
+    other = {"gamma1": -1, "gamma2": 0.7, "gamma3": 0.9, "total_T": None, "eta_min": 0.5, "update_proj_gap": 3,
+             "variant": "reference", "amsgrad": True}
+    together_params, apart_params = make_params(torch.float64), make_params(torch.float64)
+    together = StableSPAM([{"params": together_params[:2], **HYPER_PARAMETERS},
+                           {"params": together_params[2:], **other}], lr=1e-2)
+    apart = [StableSPAM(apart_params[:2], lr=1e-2, **HYPER_PARAMETERS),
+             StableSPAM(apart_params[2:], lr=1e-2, **other)]
+    together_gen, apart_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t in range(1, 10):
+        set_grads(together_params, t, together_gen)
+        set_grads(apart_params, t, apart_gen)
+        together.step()
+        for opt in apart:
+            opt.step()
+    for p, q in zip(together_params, apart_params):
+        assert torch.equal(p, q)
+
+
+def test_group_values_are_validated_and_name_the_group():
+    groups = [{"params": [torch.zeros(2, requires_grad=True)]},
+              {"params": [torch.zeros(2, requires_grad=True)], "variant": "fixed"}]
+    with pytest.raises(ValueError, match="param group 1 variant"):
+        StableSPAM(groups)
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+@pytest.mark.parametrize("saved_variant, variant", [("corrected", "reference"), ("reference", "corrected")])
+def test_loading_a_state_of_the_other_variant_is_refused(saved_variant, variant, old_checkpoint):
+    """Its counters and moments mean something else. An old checkpoint has no variant key: its params' state
+    tells the variant (only the corrected one counts `stat_step`)."""
+    model = tiny_model()
+    opt = StableSPAM(model.parameters(), variant=saved_variant)
+    train(model, opt, steps=2, seed=1)
+    saved = opt.state_dict()
+    if old_checkpoint:
+        del saved["param_groups"][0]["variant"]
+    with pytest.raises(ValueError, match=f"param group 0 .*variant='{saved_variant}'.*variant='{variant}'"):
+        StableSPAM(model.parameters(), variant=variant).load_state_dict(saved)
+
+
+def test_old_checkpoint_without_hyper_parameter_keys_loads_with_the_constructor_values():
+    model = tiny_model()
+    opt = StableSPAM(model.parameters(), lr=1e-2, **HYPER_PARAMETERS)
+    train(model, opt, steps=3, seed=1)
+    saved = copy.deepcopy(opt.state_dict())
+    for key in HYPER_PARAMETERS:
+        del saved["param_groups"][0][key]
+    resumed_model = copy.deepcopy(model)
+    resumed_opt = StableSPAM(resumed_model.parameters(), lr=1e-2, **HYPER_PARAMETERS)
+    resumed_opt.load_state_dict(saved)
+    assert resumed_opt.param_groups[0].items() >= HYPER_PARAMETERS.items()
+    train(model, opt, steps=6, seed=2)
+    train(resumed_model, resumed_opt, steps=6, seed=2)
+    assert_same_params_and_state(model, opt, resumed_model, resumed_opt)
+
+
+def test_deepcopy_carries_the_settings():
+    model = tiny_model().to(torch.bfloat16)
+    opt = StableSPAM(model.parameters(), fp32_state=True)
+    copied = copy.deepcopy(opt)  # with copies of the params
+    assert copied.settings == opt.settings == {"compile": False, "fp32_state": True}
+    for p in copied.param_groups[0]["params"]:
+        p.grad = torch.ones_like(p)
+    copied.step()
+    assert len(copied.state) == 4
+    assert all(state["exp_avg"].dtype == torch.float32 for state in copied.state.values())
+
+
 def test_load_state_dict_without_total_steps_is_refused():
     p = torch.zeros(2, requires_grad=True)
     saved = StableSPAM([p]).state_dict()
@@ -524,9 +628,16 @@ def test_invalid_param_group_values_name_the_group(key, value):
 
 
 def test_gamma1_minus_one_means_beta1():
-    params = make_params(torch.float64)
-    opt = StableSPAM(params, betas=(0.8, 0.999), gamma1=-1)
-    assert opt.gamma1 == 0.8
+    runs = []
+    for gamma1 in (-1, 0.8):
+        params = make_params(torch.float64)
+        opt = StableSPAM(params, betas=(0.8, 0.999), gamma1=gamma1)
+        generator = torch.Generator().manual_seed(1)
+        for t in range(1, 4):
+            set_grads(params, t, generator)
+            opt.step()
+        runs.append(params)
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
