@@ -25,6 +25,8 @@ from quantization import QuantConfig, quantize_linears, reference_configs
 _SENTINEL_TOKEN = re.compile(r"<extra_id_\d+>")
 # The reference "fp4" keeps the 2 largest-|x| entries of each group exact, for weights as for activations.
 REFERENCE_FP4_TOPK = 2
+# Graphs dynamo may keep per compiled function before it falls back to eager (its default is 8).
+LAYER_RECOMPILE_LIMIT = 64
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "bf16_mixed": torch.float32}
 # Sizes every reference config sets: LlamaConfig would silently fill a missing one with LLaMA-7B's value.
 _REQUIRED_SIZES = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
@@ -160,10 +162,16 @@ def compile_layers(model: LlamaForCausalLM) -> int:
     not grow with depth. Only `forward` is compiled, not the module call: module hooks (FSDP2's all-gathers,
     DDP's) and HF's activation checkpointing stay outside the graph, and parameter names (checkpoints) do
     not change. The embedding, final norm, lm_head and loss stay eager. Returns the number of layers.
+
+    Shapes are static: a run's batches have one shape (evaluation's too), and a graph traced with symbolic
+    sizes cannot draw stochastic-rounding noise. A new shape is a new graph; since every model in a process
+    shares the layer's code, and with it dynamo's per-code limit on graphs (8, after which it silently runs
+    eager), a process that compiles several models or shapes (tests, sweeps, notebooks) gets a higher limit.
     """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, LAYER_RECOMPILE_LIMIT)
     layers = model.model.layers
     for layer in layers:
-        layer.forward = torch.compile(layer.forward)
+        layer.forward = torch.compile(layer.forward, dynamic=False)
     return len(layers)
 
 

@@ -17,6 +17,7 @@ from peft_pretraining.metrics import RunLogger
 from peft_pretraining.model import build_model, compile_layers, load_llama_config
 from peft_pretraining.optim import build_optimizer
 from peft_pretraining.throughput import model_flops_per_token
+from quantization import QuantConfig
 
 INT4_STABLESPAM = ["--optimizer", "stablespam", "--gamma1", "0.7", "--gamma2", "0.9", "--total_T", "10",
                    "--act_quant", "--weight_bits", "4", "--weight_group_size", "64", "--act_group_size", "32"]
@@ -122,3 +123,17 @@ def test_compiled_int4_run_on_cuda_trains_and_logs_mfu(tiny_config, tmp_path):
     updates = update_lines(tmp_path)
     assert len(updates) == 10 and updates[-1]["loss"] < updates[0]["loss"] - 0.3
     assert all(0 < r["mfu"] < 1 and r["peak_memory_gb"] > 0 for r in updates)
+
+
+def test_compiled_layers_take_new_shapes_with_stochastic_rounding(tiny_config):
+    """Each new batch shape gets a static graph: one traced with symbolic sizes could not draw the
+    stochastic-rounding noise (torch.rand needs concrete sizes), and dynamo would make the sizes symbolic at
+    the second shape by default."""
+    config = load_llama_config(tiny_config, max_length=32)
+    stochastic = QuantConfig("int", bits=4, group_size=32, symmetric=True, topk=2, stochastic=True)
+    model, _ = build_model(config, dtype="float32", device=torch.device("cpu"), act_quant=stochastic)
+    compile_layers(model)
+    for batch, length in ((2, 32), (3, 16), (1, 8)):
+        ids = torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(batch))
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
