@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers.utils import logging as hf_logging
 
-from peft_pretraining.args import parse_args, resolve_batch_arithmetic
+from peft_pretraining.args import flag_warnings, parse_args, resolve_batch_arithmetic
 from peft_pretraining.checkpoint import (
     TrainingState,
     find_checkpoint,
@@ -131,6 +131,8 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
     hf_logging.disable_progress_bar()
     config = load_llama_config(args.model_config, max_length=args.max_length)
     weight_quant, act_quant = quant_configs_from_args(args)
+    for warning in flag_warnings(args, argv):
+        print0(ctx, f"warning: {warning}")
     source = resolve_dataset(args.dataset)
     check_run_inputs(args, source)  # before anything is written
     tokenizer = load_tokenizer(args.tokenizer, args.max_length)
