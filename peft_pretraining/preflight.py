@@ -4,15 +4,25 @@ A start that fails must leave an existing `--save_dir` as it was (run_config.jso
 so whatever can reject user input runs before `pretrain` writes the run record. The flags alone are checked in
 `args`; the model config and the tokenizer's vocabulary in `model`, the data path in `data` (all before the first
 write too). Here is what needs the filesystem and would otherwise surface only after the first write, or as a
-traceback: the save directory, the checkpoint to resume, and the data files' `text` field.
+traceback: the save directory, the checkpoint to resume, and the data files (readable, with a `text` field).
 """
 
 import argparse
+import io
+import itertools
 import os
+import zlib
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from peft_pretraining.checkpoint import find_checkpoint
-from peft_pretraining.data import DatasetSource, load_documents
+from peft_pretraining.data import DatasetSource, file_format, is_held_out, json_rows, open_text, paragraphs, row_text
+
+# How much of each data file preflight reads: enough to tell a wrong or binary file, bounded for huge corpora.
+HEAD_BYTES = 1 << 20
+HEAD_ROWS = 1000
 
 
 def check_run_inputs(args: argparse.Namespace, source: DatasetSource) -> None:
@@ -48,17 +58,65 @@ def check_resume_source(continue_from: str | None, resume_step: int | None) -> N
 
 
 def check_documents(source: DatasetSource) -> None:
-    """Local data files open and have a `text` field (the data loader would find out only after the first write).
+    """Every local data file reads as its format and has rows with a string `text`, judged on its head (the first
+    HEAD_BYTES bytes, HEAD_ROWS rows): a bounded read, however large the corpus, that catches a wrong or binary
+    file before the first write instead of in a data-loader worker. Past the head, rows without text are skipped
+    and counted, and bytes that are not UTF-8 become U+FFFD. With a held-out split, some of the sampled
+    documents must stay for training.
 
-    C4 is skipped: its fields are known and asking the hub costs a network round trip. `datasets` reads only the
-    start of the first file to learn the fields, so a file malformed elsewhere still fails later, in a data-loader
-    worker.
+    C4 is skipped: its fields are known and asking the hub costs a network round trip.
     """
     if source.builder == "c4":
         return
-    for split in ("train", "validation") if source.validation_files else ("train",):
-        try:
-            load_documents(source, split)
-        except OSError as err:
-            raise ValueError(f"--dataset {source.name}: cannot read its {split} files ({err}); "
-                             "fix or remove the file") from None
+    training_text = False
+    for file in source.train_files + source.validation_files:
+        texts = [text for text in _head_texts(file, source.name) if text is not None]
+        if not texts and file_format(Path(file)) == "text":
+            raise ValueError(f"--dataset {source.name}: {file} holds no text, only blank lines; fill or remove it")
+        if not texts:
+            raise ValueError(f"--dataset {source.name}: {file} has no row with a string 'text' field among its first "
+                             f"{HEAD_ROWS}; give each document a 'text' field (or remove the file)")
+        if file in source.train_files and not (source.holdout and all(map(is_held_out, texts))):
+            training_text = True
+    if not training_text:
+        raise ValueError(f"--dataset {source.name}: every document falls in the ~1% held out for evaluation; add "
+                         "documents, or a file named *validation* for evaluation")
+
+
+def _head_texts(file: str, name: str) -> list[str | None]:
+    """The texts of the file's first rows as the loader reads them (None: no string text); a ValueError naming the
+    file if it cannot be read as its format."""
+    kind = file_format(Path(file))
+    try:
+        if kind == "parquet":
+            return _parquet_head_texts(file, name)
+        with open_text(file, errors="strict") as opened:
+            head = opened.read(HEAD_BYTES)
+            whole = not opened.read(1)
+    except UnicodeDecodeError:
+        raise ValueError(f"--dataset {name}: {file} is not UTF-8 text (a binary file?); convert it to UTF-8 or "
+                         "remove it") from None
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"--dataset {name}: cannot read {file} ({err}); fix or remove the file") from None
+    lines = io.StringIO(head).readlines()
+    if not whole:
+        lines = lines[:-1]  # cut at HEAD_BYTES: not a whole row
+    rows = paragraphs(lines) if kind == "text" else map(row_text, json_rows(iter(lines)))
+    return list(itertools.islice(rows, HEAD_ROWS))
+
+
+def _parquet_head_texts(file: str, name: str) -> list[str | None]:
+    try:
+        with pq.ParquetFile(file) as parquet:
+            schema = parquet.schema_arrow
+            if "text" not in schema.names:
+                raise ValueError(f"--dataset {name}: {file} has no 'text' column (found {schema.names}); name the "
+                                 "documents' column 'text'")
+            text_type = schema.field("text").type
+            if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+                raise ValueError(f"--dataset {name}: {file}: its 'text' column holds {text_type}, not strings; "
+                                 "store the documents as strings")
+            first = next(parquet.iter_batches(batch_size=HEAD_ROWS, columns=["text"]), None)
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(f"--dataset {name}: cannot read {file} as Parquet ({err}); fix or remove the file") from None
+    return [] if first is None else [text if isinstance(text, str) else None for text in first.column(0).to_pylist()]

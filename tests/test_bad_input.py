@@ -30,6 +30,7 @@ TINY_CONFIG = {"hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128
                "max_sequence_length": 64, "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2,
                "pad_token_id": -1, "rms_norm_eps": 1e-06, "vocab_size": 32000}
 NO_TEXT_FIELD = '{"content": "documents of this corpus have no text field"}\n'
+BINARY = bytes(range(128, 256)) * 8  # no UTF-8 text starts with a continuation byte
 RUN_DIR = "earlier_run"  # an earlier run's --save_dir, which a failed start must not touch
 
 
@@ -195,6 +196,18 @@ CASES = [
                  ["--dataset", "corpus", "'text'"], id="dataset-without-text-field"),
     pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.jsonl.gz": "not gzip"})],
                  ["--dataset", "corpus", "gzip"], id="dataset-not-gzip"),
+    pytest.param(lambda ws: ["--dataset", os.path.dirname(write(ws, "corpus/a.txt", BINARY))],
+                 ["--dataset", "corpus", "a.txt", "not UTF-8"], id="dataset-binary-txt"),
+    pytest.param(lambda ws: ["--dataset", os.path.dirname(write(ws, "corpus/a.jsonl", BINARY))],
+                 ["--dataset", "corpus", "a.jsonl", "not UTF-8"], id="dataset-binary-jsonl"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.jsonl": '{"text": 5}\n{"text": null}\n'})],
+                 ["--dataset", "corpus", "a.jsonl", "string 'text'"], id="dataset-text-not-a-string"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.jsonl": "id,text\n1,hello\n"})],
+                 ["--dataset", "corpus", "a.jsonl", "'text'"], id="dataset-jsonl-that-is-csv"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.parquet": "not parquet"})],
+                 ["--dataset", "corpus", "a.parquet", "Parquet"], id="dataset-not-parquet"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.txt": "\n\n\n"})],
+                 ["--dataset", "corpus", "a.txt", "no text"], id="dataset-txt-of-blank-lines"),
     # tokenizer
     pytest.param(lambda ws: ["--tokenizer", str(ws / "no_tokenizer")], ["--tokenizer", "no_tokenizer"],
                  id="tokenizer-missing-dir"),

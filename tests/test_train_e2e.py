@@ -50,7 +50,9 @@ def test_training_reduces_loss_and_records_everything(tiny_config, tmp_path):
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [10, 20]
     assert set(evals[0]) == EVAL_KEYS
-    assert set(evals[1]) == EVAL_KEYS | {"final_eval_loss", "final_eval_tokens"}
+    assert set(evals[1]) == EVAL_KEYS | {"final_eval_loss", "final_eval_tokens", "documents_skipped",
+                                         "documents_truncated"}
+    assert evals[1]["documents_skipped"] == 0 and evals[1]["documents_truncated"] > 0  # the sample's documents
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[1]["eval_loss_reference"] < evals[1]["eval_loss"]  # the n/(n+1) bias
     assert result.final_metrics["final_eval_loss"] == evals[1]["eval_loss"]
@@ -219,3 +221,17 @@ def test_two_process_ddp_matches_one_process(tiny_config, tmp_path):
         torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-6)
     updates = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
     assert len(updates) == 3 and all(r["grad_norm"] > 0 and r["lr"] > 0 for r in updates)
+
+
+def test_a_small_eval_set_is_warned_about_once_and_the_reference_estimator_explained(tiny_config, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n\n".join(f"paragraph {i} of the training text" for i in range(40)))
+    (corpus / "validation.txt").write_text("a short held-out paragraph")
+    peft_pretraining.run(run_argv(tiny_config, tmp_path / "run", "--dataset", str(corpus), "--tokenizer", "builtin",
+                                  "--num_training_steps", "4", "--eval_every", "2", "--eval_tokens", "10M"))
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "evaluation set" in line]
+    assert len(warnings) == 1 and "under 10,000" in warnings[0] and "reference estimator" in warnings[0]
+    final = next(line for line in out.splitlines() if line.startswith("Final eval"))
+    assert "reference estimator, the papers' sum of batch mean losses over batches + 1" in final
