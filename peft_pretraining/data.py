@@ -279,8 +279,8 @@ class TokenizedDocuments(IterableDataset):
     counted per worker, over all passes ("skipped", "truncated" in the position), so the run can report them.
 
     With `track_position` every sequence comes with its worker's position after it: {"worker", "epoch",
-    "documents" (taken from that pass), "row" (packing tokens carried over), "skipped", "truncated"}. `start_positions` (worker id ->
-    position) makes each worker continue from there. `datasets`' own `state_dict()` cannot serve here: it drops
+    "documents" (taken from that pass), "row" (packing tokens carried over), "skipped", "truncated"}.
+    `start_positions` (worker id -> position) makes each worker continue from there. `datasets`' own `state_dict()` cannot serve here: it drops
     the shuffle buffer's content, so a resumed shuffled stream would differ; the pass's consumed documents are
     instead skipped untokenised.
     """

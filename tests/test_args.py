@@ -233,7 +233,8 @@ def test_help_shows_defaults_and_the_registries_names(capsys):
     text = help_text(capsys)
     for flag, default in [("--lr LR", "0.0001"), ("--warmup_steps WARMUP_STEPS", "1000"),
                           ("--eval_every EVAL_EVERY", "5000"), ("--total_T TOTAL_T", "20000"),
-                          ("--gamma1 GAMMA1", "0.85"), ("--gamma2 GAMMA2", "0.999"), ("--weight_bits WEIGHT_BITS", "8")]:
+                          ("--gamma1 GAMMA1", "0.85"), ("--gamma2 GAMMA2", "0.999"),
+                          ("--weight_bits WEIGHT_BITS", "8")]:
         assert f"(default: {default})" in flag_help(text, flag), flag
     assert all(name in flag_help(text, "--optimizer OPTIMIZER") for name in OPTIMIZERS)
     assert f"--weight_format {{{','.join(FORMATS)}}}" in " ".join(text.split())
