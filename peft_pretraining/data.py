@@ -21,14 +21,18 @@ import itertools
 import json
 import os
 import re
+import socket
+import threading
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import datasets
+import huggingface_hub
 import pyarrow.parquet as pq
 import torch
 from datasets.distributed import split_dataset_by_node
@@ -46,6 +50,12 @@ TOKENIZE_CHUNK = 64  # documents per tokenizer call: amortises the Python/Rust c
 # empty this many passes in a row (tiny or empty shards) stops instead of spinning, which would stall the loader.
 MAX_EMPTY_PASSES = 100
 STREAM_POSITION_KEY = "stream_position"  # where a tracked batch carries its worker's position
+# Without a connection `datasets` and `transformers` retry for up to a minute before failing; this long a TCP connect
+# to the hub tells first.
+HUB_CONNECT_TIMEOUT = 3.0
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+# Files one of which a cached hub tokenizer has.
+_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model", "tokenizer.model", "vocab.json")
 
 TEXT_FEATURES = datasets.Features({"text": datasets.Value("string")})
 # Longer suffixes first: "x.jsonl.gz" must not be taken for an unknown ".gz".
@@ -61,6 +71,41 @@ _SUPPORTED = ", ".join(_BUILDER_BY_SUFFIX)
 _VALIDATION_NAME = re.compile(r"(?:^|[/_.-])validation(?:[/_.-]|$)")
 
 
+# ---------------------------------------------------------------------------------------------------- the hub
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be used (an offline variable, or no connection within HUB_CONNECT_TIMEOUT
+    seconds), or None when it can. Never takes longer than the timeout, even when DNS hangs."""
+    for name in OFFLINE_VARIABLES:
+        if os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE"):
+            return f"{name}={os.environ[name]}"
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    address = (endpoint.hostname, endpoint.port or (443 if endpoint.scheme == "https" else 80))
+    connected = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection(address, timeout=HUB_CONNECT_TIMEOUT).close()
+            connected.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)  # a thread: the socket timeout does not bound DNS
+    thread.start()
+    thread.join(HUB_CONNECT_TIMEOUT)
+    if connected:
+        return None
+    return f"no connection to {address[0]} within {HUB_CONNECT_TIMEOUT:g} s"
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        return any(isinstance(huggingface_hub.try_to_load_from_cache(repo_id, file), str) for file in _TOKENIZER_FILES)
+    except ValueError:  # not a valid repo id: it cannot be cached
+        return False
+
+
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
 
@@ -69,9 +114,11 @@ def load_tokenizer(name: str, max_length: int):
 
     `builtin` is the 32k SentencePiece tokenizer shipped in `data/tokenizer` (no network; see data/NOTICE); a
     local directory is loaded from disk; anything else is a hub id (`t5-base`, the reference's), loaded like the
-    reference with `model_max_length=max_length`. A tokenizer without a pad token pads with its unk token (else
-    EOS): pads are told apart by the attention mask, not by their id.
+    reference with `model_max_length=max_length`; when the hub is unreachable (`hub_unreachable`) it comes from the
+    local cache or not at all, at once. A tokenizer without a pad token pads with its unk token (else EOS): pads
+    are told apart by the attention mask, not by their id.
     """
+    cache_only = False
     if name == "builtin":
         location = str(BUILTIN_TOKENIZER_DIR)
         if not BUILTIN_TOKENIZER_DIR.is_dir():
@@ -86,8 +133,14 @@ def load_tokenizer(name: str, max_length: int):
         raise FileNotFoundError(f"--tokenizer {name}: no such directory")
     else:
         location = name
+        unreachable = hub_unreachable()
+        if unreachable is not None and not _in_hub_cache(name):
+            raise FileNotFoundError(f"--tokenizer {name}: not in the local cache and the Hugging Face hub is "
+                                    f"unreachable ({unreachable}); use --tokenizer builtin (no network) or a local "
+                                    "directory")
+        cache_only = unreachable is not None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location, model_max_length=max_length)
+        tokenizer = AutoTokenizer.from_pretrained(location, model_max_length=max_length, local_files_only=cache_only)
     except OSError as err:
         raise FileNotFoundError(f"--tokenizer {name}: cannot load it from the Hugging Face hub or its cache "
                                 f"({type(err).__name__}); use --tokenizer builtin or a local directory") from err

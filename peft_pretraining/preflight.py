@@ -4,21 +4,34 @@ A start that fails must leave an existing `--save_dir` as it was (run_config.jso
 so whatever can reject user input runs before `pretrain` writes the run record. The flags alone are checked in
 `args`; the model config and the tokenizer's vocabulary in `model`, the data path in `data` (all before the first
 write too). Here is what needs the filesystem and would otherwise surface only after the first write, or as a
-traceback: the save directory, the checkpoint to resume, and the data files (readable, with a `text` field).
+traceback: the wandb key, the save directory, the checkpoint to resume, the data files (readable, with a `text`
+field) and, for C4, the hub.
 """
 
 import argparse
 import io
 import itertools
+import netrc
 import os
 import zlib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from peft_pretraining.checkpoint import find_checkpoint
-from peft_pretraining.data import DatasetSource, file_format, is_held_out, json_rows, open_text, paragraphs, row_text
+from peft_pretraining.data import (
+    DatasetSource,
+    file_format,
+    hub_unreachable,
+    is_held_out,
+    json_rows,
+    open_text,
+    paragraphs,
+    row_text,
+)
+from peft_pretraining.metrics import wandb_wanted
 
 # How much of each data file preflight reads: enough to tell a wrong or binary file, bounded for huge corpora.
 HEAD_BYTES = 1 << 20
@@ -27,9 +40,37 @@ HEAD_ROWS = 1000
 
 def check_run_inputs(args: argparse.Namespace, source: DatasetSource) -> None:
     """Raise ValueError/FileNotFoundError naming the flag and the fix for the first unusable input."""
+    check_wandb_key(args.unset_wandb)
     check_save_dir(args.save_dir)
     check_resume_source(args.continue_from, args.resume_step)
     check_documents(source)
+
+
+def check_wandb_key(unset_wandb: bool) -> None:
+    """Online wandb needs an API key; look where wandb does (WANDB_API_KEY, an identity token file, the netrc
+    entry of its host) without asking the network, so a run without one fails now, not after its first writes."""
+    if not wandb_wanted(unset_wandb) or os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun"):
+        return
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    if _netrc_has(host):
+        return
+    raise ValueError("wandb has no API key (WANDB_API_KEY or `wandb login`): pass --unset_wandb for no wandb, or set "
+                     "WANDB_MODE=offline to log locally and `wandb sync` later")
+
+
+def _netrc_has(host: str) -> bool:
+    """Whether the netrc file wandb reads ($NETRC, else ~/.netrc, else ~/_netrc) has credentials for `host`."""
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else ["~/.netrc", "~/_netrc"]
+    for candidate in candidates:
+        path = Path(candidate).expanduser()
+        if path.is_file():
+            try:
+                return netrc.netrc(path).authenticators(host) is not None
+            except (netrc.NetrcParseError, OSError):
+                return False
+    return False
 
 
 def check_save_dir(save_dir: str) -> None:
@@ -64,9 +105,13 @@ def check_documents(source: DatasetSource) -> None:
     and counted, and bytes that are not UTF-8 become U+FFFD. With a held-out split, some of the sampled
     documents must stay for training.
 
-    C4 is skipped: its fields are known and asking the hub costs a network round trip.
+    C4 needs the hub, which is tested for in a few seconds (not a minute of retries); its fields are known.
     """
     if source.builder == "c4":
+        unreachable = hub_unreachable()
+        if unreachable is not None:
+            raise ValueError(f"--dataset c4 streams allenai/c4 from the Hugging Face hub, which is unreachable "
+                             f"({unreachable}); use --dataset sample (built in) or a path to your own files")
         return
     training_text = False
     for file in source.train_files + source.validation_files:

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -386,3 +387,15 @@ def test_packing_fills_rows_with_documents_joined_by_eos(tmp_path, tokenizer):
     packed = [i for b in batches for i in b["input_ids"].flatten().tolist()]
     assert packed == stream[: len(stream) // 16 * 16]
 
+
+
+def test_a_hanging_hub_connection_counts_as_unreachable_after_the_timeout(monkeypatch):
+    for name in data.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(data, "HUB_CONNECT_TIMEOUT", 0.2)
+    monkeypatch.setattr(data.socket, "create_connection", lambda *args, **kwargs: time.sleep(5))  # DNS that hangs
+    started = time.monotonic()
+    assert "no connection to huggingface.co" in data.hub_unreachable()
+    assert time.monotonic() - started < 1.0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert data.hub_unreachable() == "HF_HUB_OFFLINE=1"
