@@ -8,6 +8,7 @@ Every user error is a ValueError naming the flag and the fix (the entry point tu
 
 import argparse
 import math
+import os
 import re
 import sys
 from datetime import datetime
@@ -16,10 +17,11 @@ from pathlib import Path
 import torch
 
 from galore_torch import OPTIMIZERS
+from quantization import FORMATS
 
 DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
                  "bf16_mixed": "bf16_mixed"}
-QUANT_FORMATS = ("int", "fp4_ref", "e2m1", "mxfp4", "nvfp4")
+QUANT_FORMATS = FORMATS
 SCHEDULERS = ("linear", "cosine", "cosine_restarts")
 # GaLore / Q-GaLore optimizers of the research code; their flags still parse so old scripts do.
 UNSUPPORTED_OPTIMIZER_PREFIXES = ("galore", "q_galore")
@@ -44,6 +46,16 @@ def parse_token_count(text: str) -> int:
     return int(float(match.group(1).replace("_", "")) * _TOKEN_SUFFIXES[match.group(2).upper()])
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity, which a container or taskset may narrow), as torch counts them."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# The reference's DataLoader workers per rank; the default is capped at the CPUs, since torch warns about (and the
+# machine thrashes on) more workers than cores.
+REFERENCE_WORKERS = 16
+
+
 class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage (80 flags) before an error; we print only the error line."""
 
@@ -51,8 +63,22 @@ class _OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """--help shows each flag's default, except where there is none (None, off) or the help text explains it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or re.search(r"\bdefault\b", text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineErrorParser(prog="main_pretrain.py", description="Pretrain LLaMA on C4 (Stable-SPAM / SPAM).")
+    # allow_abbrev=False: `--num_train 5` must not silently mean --num_training_steps (nor break when a flag with
+    # that prefix is added); launchers that set flags can then tell them apart by their full name.
+    p = _OneLineErrorParser(prog="main_pretrain.py", description="Pretrain LLaMA on C4 (Stable-SPAM / SPAM).",
+                            allow_abbrev=False, formatter_class=_DefaultsHelpFormatter)
     add = p.add_argument
 
     # --- the reference's flags (spec d.1), same names, types and defaults ---
@@ -62,29 +88,30 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dtype", type=str, default=None,
         help="bfloat16 (pure bf16, the papers' setting), float32, or bf16_mixed (fp32 weights, bf16 autocast); "
              "default bfloat16 on a bf16 GPU else float32")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seeds the initialisation (the data order has its own fixed seed)")
     add("--resume_step", type=int, default=None, help="checkpoint step to resume (default: the latest)")
     add("--restore_optimizer", action="store_true", help="with --continue_from: also load optimizer+scheduler")
     add("--continue_from", type=str, default=None, help="directory holding model_<step>/ checkpoints")
     add("--single_gpu", action="store_true", help="one process without DDP (also under torchrun with 1 proc)")
     add("--save_dir", type=str, default=None, help="run directory (default checkpoints/<config>-<date>)")
     add("--use_hf_model", action="store_true", help="accepted; the HF LlamaForCausalLM is always used")
-    add("--workers", "--num_workers", dest="workers", type=int, default=16, help="DataLoader workers per rank")
+    add("--workers", "--num_workers", dest="workers", type=int, default=min(REFERENCE_WORKERS, available_cpus()),
+        help="DataLoader workers per rank (the reference's 16, capped at this machine's CPU count)")
     add("--batch_size", type=int, required=True, help="micro-batch per process (sequences)")
     add("--gradient_accumulation", type=int, default=None, help="micro-batches per update (derived if omitted)")
     add("--total_batch_size", type=int, default=None, help="sequences per update over all processes")
     add("--lr", type=float, default=1e-4, help="peak learning rate")
-    add("--warmup_steps", type=int, default=1_000)
+    add("--warmup_steps", type=int, default=1_000, help="linear lr warm-up updates")
     add("--num_training_steps", type=int, default=10_000, help="optimizer updates (exactly this many)")
     add("--max_train_tokens", type=parse_token_count, default=None,
         help="token budget (e.g. 2B): overrides --num_training_steps as tokens // (total_batch_size*max_length)")
-    add("--optimizer", type=str, default="Adam", help="adam, adamw, sgd, adafactor, lion, spam, stablespam")
+    add("--optimizer", type=str, default="Adam", help=f"any case of: {', '.join(sorted(OPTIMIZERS))}")
     add("--max_length", type=int, default=256, help="tokens per sequence")
-    add("--scheduler", type=str, default="cosine", choices=SCHEDULERS)
+    add("--scheduler", type=str, default="cosine", choices=SCHEDULERS, help="lr schedule after the warm-up")
     add("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    add("--weight_decay", type=float, default=0.0)
+    add("--weight_decay", type=float, default=0.0, help="decoupled (adamw) or L2 weight decay")
     add("--grad_clipping", type=float, default=0.0, help="clip the global grad norm to this value (0: off)")
-    add("--activation_checkpointing", action="store_true")
+    add("--activation_checkpointing", action="store_true", help="recompute each decoder layer in backward: less activation memory, the same losses")
     add("--tags", type=str, default=None, help="comma-separated wandb tags")
     add("--name", type=str, default="test", help="wandb run name")
     add("--project", type=str, default="test", help="wandb project")
@@ -92,10 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--entity", type=str, default=None, help="wandb entity")
     add("--beta1", type=float, default=0.9, help="SGD momentum and Adafactor's beta1 (as in the reference; Adam-type use defaults)")
     add("--beta2", type=float, default=0.999, help="accepted for compatibility (GaLore-8bit only)")
-    add("--update_proj_gap", type=int, default=500, help="StableSPAM/SPAM momentum-reset period")
+    add("--update_proj_gap", type=int, default=500, help="StableSPAM/SPAM momentum-reset period (0: never reset)")
     add("--weight_quant", action="store_true", help="accepted; inert like in the reference")
     add("--simulation", action="store_true", help="accepted; inert like in the reference")
-    add("--weight_bits", type=int, default=8, help="INT bits for weights (and activations by default)")
+    add("--weight_bits", type=int, default=8, help="INT bits for weights (and activations unless --act_bits)")
     add("--weight_group_size", type=int, default=None,
         help="weight group size (default 256 for int/fp4_ref, the block size of e2m1/mxfp4/nvfp4)")
     add("--stochastic_round", action="store_true", help="stochastic rounding of INT activations")
@@ -115,15 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--density", type=float, default=1.0, help="SPAM density of the attn/mlp matrix group")
 
     galore = p.add_argument_group("GaLore / Q-GaLore (parsed for old scripts; those optimizers are not supported)")
-    galore.add_argument("--rank", type=int, default=128)
-    galore.add_argument("--galore_scale", type=float, default=1.0)
-    galore.add_argument("--proj_type", type=str, default="std")
-    galore.add_argument("--proj_quant", action="store_true")
-    galore.add_argument("--proj_bits", type=int, default=8)
-    galore.add_argument("--proj_group_size", type=int, default=256)
-    galore.add_argument("--cos_threshold", type=float, default=1.0)
-    galore.add_argument("--gamma_proj", type=float, default=2.0)
-    galore.add_argument("--queue_size", type=int, default=5)
+    galore.add_argument("--rank", type=int, default=128, help="unused")
+    galore.add_argument("--galore_scale", type=float, default=1.0, help="unused")
+    galore.add_argument("--proj_type", type=str, default="std", help="unused")
+    galore.add_argument("--proj_quant", action="store_true", help="unused")
+    galore.add_argument("--proj_bits", type=int, default=8, help="unused")
+    galore.add_argument("--proj_group_size", type=int, default=256, help="unused")
+    galore.add_argument("--cos_threshold", type=float, default=1.0, help="unused")
+    galore.add_argument("--gamma_proj", type=float, default=2.0, help="unused")
+    galore.add_argument("--queue_size", type=int, default=5, help="unused")
 
     new = p.add_argument_group("new flags (not in the reference)")
     new.add_argument("--dataset", type=str, default="c4", help="c4 (streamed), sample (built-in), or a path")
@@ -177,6 +204,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def flag_warnings(args: argparse.Namespace, argv: list[str]) -> list[str]:
+    """Flags that parse but may not mean what was intended (one line each, printed when the run starts)."""
+    given = {token.split("=", 1)[0] for token in argv}  # full names only: the parser takes no abbreviations
+    warnings = []
+    if args.act_quant and "--weight_bits" not in given:
+        warnings.append(f"--act_quant without --weight_bits trains INT{args.weight_bits} weights and activations "
+                        "(the reference's default); add --weight_bits 4 for the papers' INT4 (W4A4)")
+    return warnings
+
+
 def _resolve_defaults(args: argparse.Namespace) -> None:
     args.optimizer = args.optimizer.lower()
     if args.dtype is None:
@@ -213,8 +250,7 @@ def _validate(args: argparse.Namespace) -> None:
     for flag in _FLOAT_FLAGS:  # argparse's float() accepts nan and inf, which slip through range checks
         value = getattr(args, flag)
         _require(math.isfinite(value), f"--{flag} {value}: must be a finite number")
-    for flag in ("lr", "batch_size", "num_training_steps", "eval_every", "save_every",
-                 "update_proj_gap", "total_T", "eval_tokens"):
+    for flag in ("lr", "batch_size", "num_training_steps", "eval_every", "save_every", "total_T", "eval_tokens"):
         value = getattr(args, flag)
         _require(value > 0, f"--{flag} {value}: must be positive")
     for flag in ("total_batch_size", "gradient_accumulation", "max_train_tokens", "cycle_length",
@@ -222,7 +258,7 @@ def _validate(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         _require(value is None or value > 0, f"--{flag} {value}: must be positive")
     for flag in ("warmup_steps", "weight_decay", "grad_clipping", "workers", "act_topk", "restart_warmup_steps",
-                 "warmup_epoch", "threshold", "grad_accu_steps", "seed", "keep_last"):
+                 "warmup_epoch", "threshold", "grad_accu_steps", "seed", "keep_last", "update_proj_gap"):
         value = getattr(args, flag)
         _require(value >= 0, f"--{flag} {value}: must be >= 0")
     _require(0.0 < args.min_lr_ratio <= 1.0, f"--min_lr_ratio {args.min_lr_ratio}: must be in (0, 1]")

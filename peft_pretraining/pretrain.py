@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from peft_pretraining.args import parse_args, resolve_batch_arithmetic
+from peft_pretraining.args import flag_warnings, parse_args, resolve_batch_arithmetic
 from peft_pretraining.checkpoint import (
     TrainingState,
     find_checkpoint,
@@ -28,6 +29,7 @@ from peft_pretraining.checkpoint import (
     save_checkpoint,
 )
 from peft_pretraining.data import (
+    ResumableBatches,
     build_eval_dataloader,
     build_resumable_train_batches,
     load_tokenizer,
@@ -36,6 +38,7 @@ from peft_pretraining.data import (
 from peft_pretraining.distributed import (
     DistributedContext,
     accelerate_launch_notes,
+    all_reduce_sum,
     init_distributed,
     print0,
     shutdown_distributed,
@@ -62,6 +65,9 @@ from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
 # The reference shuffles C4 with a fixed seed whatever --seed is (spec g.1 item 5): runs with different
 # --seed values differ in initialisation, not in data order.
 DATA_SHUFFLE_SEED = 42
+# An evaluation over fewer tokens is noise, and the reference estimator (sum of per-batch mean losses over
+# batches + 1) is then far below the loss: say so.
+SMALL_EVAL_TOKENS = 10_000
 
 
 class UsageError(ValueError):
@@ -141,6 +147,8 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
         print0(ctx, f"note: {note}")
     config = load_llama_config(args.model_config, max_length=args.max_length)
     weight_quant, act_quant = quant_configs_from_args(args)
+    for warning in flag_warnings(args, argv):
+        print0(ctx, f"warning: {warning}")
     source = resolve_dataset(args.dataset)
     check_run_inputs(args, source)  # before anything is written
     tokenizer = load_tokenizer(args.tokenizer, args.max_length)
@@ -164,11 +172,20 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
     save_dir = Path(args.save_dir)
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16_mixed" else None
 
+    small_eval_said = False
+
     def evaluate_now() -> dict:
+        nonlocal small_eval_said
         batches = build_eval_dataloader(source, tokenizer, max_length=args.max_length,
                                         batch_size=args.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                         num_workers=args.workers, seed=DATA_SHUFFLE_SEED)
         result = evaluate(model, batches, max_tokens=args.eval_tokens, ctx=ctx, autocast_dtype=autocast_dtype)
+        if result.tokens < min(SMALL_EVAL_TOKENS, args.eval_tokens) and not small_eval_said:
+            small_eval_said = True
+            print0(ctx, f"warning: the evaluation set of --dataset {args.dataset} has only {result.tokens:,} tokens "
+                        f"(under {SMALL_EVAL_TOKENS:,}): eval_loss is noisy, and the reference estimator "
+                        "(eval_loss_reference: the sum of per-batch mean losses over batches + 1, the papers' "
+                        "number) reads far below it; add a *validation* file with more text")
         return result.as_metrics("eval")
 
     def save(training_state: TrainingState) -> None:
@@ -184,7 +201,8 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
                                                   batch_size=args.batch_size, rank=ctx.rank,
                                                   world_size=ctx.world_size, num_workers=args.workers,
                                                   seed=DATA_SHUFFLE_SEED, packing=args.packing,
-                                                  state=resumed.data_state, state_file=resumed.rank_file)
+                                                  state=resumed.data_state, state_file=resumed.rank_file,
+                                                  notify=tqdm.write if ctx.is_main else None)  # above the bar
     # The monitor's sums are the same on every rank (gradients are all-reduced) and only rank 0 logs.
     spike_monitor = (GradientSpikeMonitor(model.named_parameters(), threshold=args.spike_threshold,
                                           every=args.spike_every) if args.spike_monitor and ctx.is_main else None)
@@ -282,17 +300,32 @@ def _start_logging(args, ctx: DistributedContext, run_config: dict, argv: list[s
                      resume=args.continue_from is not None)
 
 
+def _data_counts(batches: ResumableBatches, ctx: DistributedContext) -> dict[str, int]:
+    """Rows skipped and documents cut, over all ranks (one all-reduce, at the end of the run)."""
+    counts = batches.data_counts()
+    totals = all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.float64, device=ctx.device), ctx)
+    return dict(zip(counts, map(int, totals.tolist())))
+
+
 def _execute(prepared: _PreparedRun) -> RunResult:
     ctx, logger = prepared.ctx, prepared.logger
     try:
         state = prepared.trainer.train()
         final = prepared.evaluate_now()
-        final.update(final_eval_loss=final["eval_loss"], final_eval_tokens=final["eval_tokens"])
+        final.update(final_eval_loss=final["eval_loss"], final_eval_tokens=final["eval_tokens"],
+                     **_data_counts(prepared.trainer.batches, ctx))
         logger.log(final, step=state.update_step)
     finally:
         logger.close()
     save_dir = Path(prepared.args.save_dir)
     print0(ctx, f"Final eval: loss {final['eval_loss']:.4f}, perplexity {final['eval_ppl']:.2f} over "
-                f"{final['eval_tokens']:,} tokens (reference estimator: {final['eval_loss_reference']:.4f})")
+                f"{final['eval_tokens']:,} tokens (reference estimator, the papers' sum of batch mean losses over "
+                f"batches + 1: {final['eval_loss_reference']:.4f})")
+    if final["documents_skipped"]:
+        print0(ctx, f"Skipped {final['documents_skipped']:,} rows without a string 'text' field (counted on every "
+                    "pass over the data)")
+    if final["documents_truncated"]:
+        print0(ctx, f"Cut {final['documents_truncated']:,} documents to --max_length {prepared.args.max_length} "
+                    "tokens; --packing keeps every token")
     print0(ctx, f"Metrics: {save_dir / 'metrics.jsonl'}  checkpoints: {save_dir}/model_<step>/")
     return RunResult(final_metrics=final, state=state, save_dir=save_dir, model=prepared.model)

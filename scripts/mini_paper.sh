@@ -16,15 +16,27 @@
 #
 #   bash scripts/mini_paper.sh                  # everything, then the table and the figures (exit 1 if a
 #                                               # run failed: run it again to redo only those)
-#   DRY_RUN=1 bash scripts/mini_paper.sh        # print the runs still to do, train nothing
+#   bash scripts/mini_paper.sh --dry-run        # print the runs still to do, write and train nothing
+#                                               # (DRY_RUN=1 does the same)
 #   STEPS=40 SEEDS="0" bash scripts/mini_paper.sh   # a quicker, smaller version
+#   bash scripts/mini_paper.sh --publish        # into docs/mini_paper/, the committed results
 #
-# Writes docs/mini_paper/runs/<format>-<optimizer>-lr<lr>-s<seed>/ and, from them, docs/mini_paper/
-# final_ppl.md and docs/mini_paper/figures/<format>/*.png (MINI_PAPER_DIR changes the place).
+# Writes runs/mini_paper/runs/<format>-<optimizer>-lr<lr>-s<seed>/ and, from them, runs/mini_paper/
+# final_ppl.md and runs/mini_paper/figures/<format>/*.png; MINI_PAPER_DIR changes the place, and only
+# --publish writes into docs/mini_paper/.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=${MINI_PAPER_DIR:-$ROOT/docs/mini_paper}
+OUT_DEFAULT=$ROOT/runs/mini_paper
+for arg in "$@"; do
+  case $arg in
+    --dry-run) DRY_RUN=1 ;;
+    --publish) OUT_DEFAULT=$ROOT/docs/mini_paper ;;
+    *) echo "mini_paper.sh: unknown argument $arg; use --dry-run and/or --publish (settings are variables: see the top of the script)" >&2; exit 2 ;;
+  esac
+done
+DRY_RUN=${DRY_RUN:-0}
+OUT=${MINI_PAPER_DIR:-$OUT_DEFAULT}
 RUNS=$OUT/runs
 PYTHON=${PYTHON:-python}
 PARALLEL=${PARALLEL:-2}
@@ -95,7 +107,7 @@ run_one() {
   # shellcheck disable=SC2046  # the preset flags are meant to split into words
   local cmd=("$PYTHON" "$ROOT/main_pretrain.py" "${COMMON[@]}" $(optimizer_flags "$opt") $(format_flags "$fmt")
              --lr "$lr" --seed "$seed" --save_dir "$dir")
-  if [[ ${DRY_RUN:-0} == 1 ]]; then echo "${cmd[*]}"; return 0; fi
+  if [[ $DRY_RUN == 1 ]]; then echo "${cmd[*]}"; return 0; fi
   rm -rf "$dir" && mkdir -p "$dir"
   if OMP_NUM_THREADS=1 "${cmd[@]}" >"$dir/train.log" 2>&1; then
     rm -rf "$dir"/model_*
@@ -114,14 +126,14 @@ finished() {
 }
 
 export -f run_one optimizer_flags format_flags is_finished
-export ROOT RUNS PYTHON STEPS BASE_LR
+export ROOT RUNS PYTHON STEPS BASE_LR DRY_RUN
 export COMMON_LINE="${COMMON[*]}"
 
-mkdir -p "$RUNS"
+[[ $DRY_RUN == 1 ]] || mkdir -p "$RUNS"
 # xargs runs each line in a fresh bash, which cannot inherit an array: rebuild COMMON from its line.
 status=0
 plan | xargs -P "$PARALLEL" -L 1 bash -c 'read -r -a COMMON <<<"$COMMON_LINE"; run_one "$@"' _ || status=$?
-[[ ${DRY_RUN:-0} == 1 ]] && exit "$status"
+[[ $DRY_RUN == 1 ]] && exit "$status"
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 plot() { "$PYTHON" "$ROOT/scripts/plot_runs.py" "$@" --smooth 0.8 >/dev/null; }

@@ -1,13 +1,15 @@
 """Turn training runs into PNG figures and a Markdown table of final perplexities.
 
-Each RUN_DIR is a training run's `--save_dir`: it must hold `metrics.jsonl` (one JSON object per log call,
-each with `step`) and may hold `run_config.json` (the resolved flags). Runs are overlaid in one figure per
+Each RUN_DIR is a training run's `--save_dir`, holding `metrics.jsonl` (one JSON object per log call, each with
+`step`) and maybe `run_config.json` (the resolved flags), or a folder of such runs (a sweep's --root: its
+sub-directories with a metrics.jsonl are the runs). Runs are overlaid in one figure per
 metric; the legend names each run by the settings that differ between the runs (optimizer, variant, formats,
 lr, seed, ...), or by its directory name when nothing tells them apart. `final_ppl.md` groups runs whose
 settings are equal except for the seed and reports mean ± std of the final eval perplexity over them.
 
     python scripts/plot_runs.py checkpoints/adam_s0 checkpoints/adam_s1 checkpoints/stablespam_s0 \\
         --out plots --smooth 0.9
+    python scripts/plot_runs.py runs/lr_sweep --out plots
 
 A metric no run logged is skipped with a note. A resumed run appends to its metrics.jsonl; the records
 that the resume replayed are dropped, so each step appears once.
@@ -38,12 +40,15 @@ DEFAULT_LABEL_KEYS = ("model_config", "optimizer", "optimizer_variant", "grad_cl
 NOT_SETTINGS = frozenset({"seed", "name", "save_dir", "tags", "project", "entity", "unset_wandb", "workers",
                           "continue_from", "resume_step", "restore_optimizer", "single_gpu", "eval_every",
                           "save_every"})
+# run_config keys that copy another (max_lr is lr, under the reference's wandb name): never a column of their own.
+COPIES = frozenset({"max_lr"})
 
 
 @dataclass(frozen=True)
 class LineFigure:
     """One PNG: `y_keys` against `x_key`, every run overlaid (one line style per y key)."""
     file: str
+    title: str
     x_key: str
     y_keys: tuple[str, ...]
     x_label: str
@@ -53,16 +58,19 @@ class LineFigure:
 
 
 LINE_FIGURES = (
-    LineFigure("train_loss_vs_step.png", "step", ("loss",), "update step", "train loss", smooth=True),
-    LineFigure("train_loss_vs_tokens.png", "tokens_seen", ("loss",), "tokens seen", "train loss", smooth=True),
-    LineFigure("eval_loss.png", "step", ("eval_loss",), "update step", "eval loss"),
-    LineFigure("lr.png", "step", ("lr",), "update step", "learning rate"),
-    LineFigure("grad_norm.png", "step", ("grad_norm", "grad_norm_afterclip"), "update step", "gradient norm",
-               log_y=True),
+    LineFigure("train_loss_vs_step.png", "Training loss", "step", ("loss",), "update step", "train loss",
+               smooth=True),
+    LineFigure("train_loss_vs_tokens.png", "Training loss by tokens seen", "tokens_seen", ("loss",), "tokens seen",
+               "train loss", smooth=True),
+    LineFigure("eval_loss.png", "Evaluation loss", "step", ("eval_loss",), "update step", "eval loss"),
+    LineFigure("lr.png", "Learning rate", "step", ("lr",), "update step", "learning rate"),
+    LineFigure("grad_norm.png", "Gradient norm: before clipping (solid), after (dashed)", "step",
+               ("grad_norm", "grad_norm_afterclip"), "update step", "gradient norm", log_y=True),
 )
 # Figures with one panel per key starting with one of the prefixes (keys set by the spike monitor).
 PANEL_FIGURES = {"spikes.png": ("spikes/total", "spikes/", "gss_max"),
                  "optimizer_stats.png": ("stablespam/", "spam/")}
+_PANEL_TITLES = {"spikes.png": "Gradient spikes", "optimizer_stats.png": "Optimizer statistics"}
 
 
 @dataclass
@@ -108,6 +116,18 @@ def read_metrics(path: Path) -> list[dict]:
             continue
         records.append(record)
     return drop_replayed(records)
+
+
+def run_directories(directory: Path) -> list[Path]:
+    """`directory` if it is a run, else its sub-directories that are (a sweep root), in name order."""
+    if (directory / METRICS_FILE).is_file():
+        return [directory]
+    runs = sorted(child for child in directory.iterdir() if (child / METRICS_FILE).is_file()) \
+        if directory.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"{directory}: no {METRICS_FILE} in it or in its sub-directories; pass the --save_dir "
+                                "of a training run or a folder of runs")
+    return runs
 
 
 def load_run(directory: Path) -> Run:
@@ -163,7 +183,9 @@ def plot_lines(runs: Sequence[Run], labels: Sequence[str], figure: LineFigure, o
     fig, axes = plt.subplots(figsize=(8, 5))
     for index, (run, label) in enumerate(zip(runs, labels)):
         color = f"C{index % 10}"
-        for key, style in zip(figure.y_keys, ("-", "--", ":")):
+        # Each later key is drawn above every run's earlier ones: a dashed line that equals a solid one (no
+        # clipping) stays visible on top of it.
+        for layer, (key, style) in enumerate(zip(figure.y_keys, ("-", "--", ":"))):
             x, y = run.series(figure.x_key, key)
             if not x:
                 continue
@@ -171,10 +193,9 @@ def plot_lines(runs: Sequence[Run], labels: Sequence[str], figure: LineFigure, o
             if figure.smooth and smooth > 0:
                 axes.plot(x, y, color=color, alpha=0.2, linewidth=0.8)
                 y = ema(y, smooth)
-            axes.plot(x, y, style, color=color, label=name, linewidth=1.2)
+            axes.plot(x, y, style, color=color, label=name, linewidth=1.2 + 0.4 * layer, zorder=2 + layer)
     axes.set(xlabel=figure.x_label, ylabel=figure.y_label)
-    if figure.smooth and smooth > 0:
-        axes.set_title(f"EMA {smooth:g} (raw faint)")
+    axes.set_title(figure.title + (f" (EMA {smooth:g}, raw faint)" if figure.smooth and smooth > 0 else ""))
     if figure.log_y:
         axes.set_yscale("log")
     axes.grid(alpha=0.3)
@@ -205,9 +226,10 @@ def plot_panels(runs: Sequence[Run], labels: Sequence[str], file: str, prefixes:
         axes.grid(alpha=0.3)
     for axes in list(grid.flat)[len(keys):]:
         axes.set_visible(False)
-    fig.legend(list(handles.values()), list(handles), loc="upper center", ncol=min(4, len(handles)),
-               fontsize="small")
-    fig.tight_layout(rect=(0, 0, 1, 0.92))
+    fig.suptitle(_PANEL_TITLES[file])
+    fig.legend(list(handles.values()), list(handles), loc="upper center", bbox_to_anchor=(0.5, 0.95),
+               ncol=min(4, len(handles)), fontsize="small")
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
     return _save(fig, out / file)
 
 
@@ -236,7 +258,7 @@ def settings(run: Run) -> dict:
     """What a run learns under: its config without bookkeeping and seed (the directory name without one)."""
     if not run.config:
         return {"run": run.directory.name}
-    return {key: value for key, value in run.config.items() if key not in NOT_SETTINGS}
+    return {key: value for key, value in run.config.items() if key not in NOT_SETTINGS | COPIES}
 
 
 def final_ppl_table(runs: Sequence[Run]) -> str | None:
@@ -273,7 +295,8 @@ def final_ppl_table(runs: Sequence[Run]) -> str | None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="plot_runs.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a training run's --save_dir")
+    parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                        help="a training run's --save_dir, or a folder of them (a sweep's --root)")
     parser.add_argument("--out", type=Path, default=Path("plots"), help="output directory (default: plots)")
     parser.add_argument("--label-keys", default=None,
                         help="comma-separated run_config keys for the legend, shown even where equal "
@@ -291,7 +314,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
-        runs = [load_run(directory) for directory in args.run_dirs]
+        runs = [load_run(run) for directory in args.run_dirs for run in run_directories(directory)]
     except (FileNotFoundError, ValueError) as error:
         print(f"plot_runs.py: error: {error}", file=sys.stderr)
         return 2

@@ -91,8 +91,8 @@ def parse_definitions(definitions: list[str], flag: str) -> dict[str, list[str]]
 
 
 def check_extra_flags(extra: list[str]) -> None:
-    """Refuse the grid's own flags, and abbreviations (main_pretrain.py's argparse accepts unambiguous prefixes,
-    so `--se 3` would be `--seed 3`) of every flag the sweep sets or reads."""
+    """Refuse the grid's own flags, and abbreviations of every flag the sweep sets or reads: main_pretrain.py
+    refuses `--se 3` too, but only once each run starts, while the sweep can say so before starting any."""
     for token in extra:
         flag = token.split("=", 1)[0]
         if not flag.startswith("--") or flag == "--":
@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--root", required=True, help="directory holding one sub-directory per run")
     parser.add_argument("--formats", default="bf16", help=f"comma list; known: {', '.join(FORMATS)}")
     parser.add_argument("--optimizers", default="adam",
-                        help=f"comma list; presets: {', '.join(OPTIMIZERS)}; other names run as --optimizer NAME")
+                        help=f"comma list; presets: {', '.join([*OPTIMIZERS, *STABLESPAM_PRESETS])}; other names run "
+                             "as --optimizer NAME")
     parser.add_argument("--lrs", default="1e-3", help="comma list of peak learning rates, e.g. 1e-3,3e-3")
     parser.add_argument("--seeds", default="0", help="comma list of seeds, e.g. 0,1,2")
     parser.add_argument("--define-format", action="append", default=[], metavar="NAME=FLAGS",

@@ -5,8 +5,12 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
-from peft_pretraining.args import parse_args, parse_token_count, resolve_batch_arithmetic
+from galore_torch import OPTIMIZERS
+from peft_pretraining import args as args_module
+from peft_pretraining.args import flag_warnings, parse_args, parse_token_count, resolve_batch_arithmetic
+from quantization import FORMATS
 
 SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "stablespam_readme.txt"
 
@@ -120,7 +124,7 @@ def base_argv(*extra: str) -> list[str]:
 
 def test_reference_defaults():
     args = parse_args(base_argv())
-    assert (args.eval_every, args.save_every, args.workers, args.lr, args.optimizer) == (5000, 10000, 16, 1e-4, "adam")
+    assert (args.eval_every, args.save_every, args.lr, args.optimizer) == (5000, 10000, 1e-4, "adam")
     assert (args.max_length, args.min_lr_ratio, args.grad_clipping, args.weight_bits) == (256, 0.1, 0.0, 8)
     assert (args.gamma1, args.gamma2, args.gamma3, args.density) == (0.85, 0.999, 0.999, 1.0)
     assert (args.act_bits, args.act_group_size, args.act_topk) == (8, 256, 2)
@@ -211,3 +215,75 @@ def test_block_formats_default_to_their_own_block_and_no_outliers():
     assert (args.weight_group_size, args.act_group_size, args.act_topk) == (None, None, 0)
     args = parse_args(base_argv("--weight_format", "int", "--act_format", "fp4_ref", "--weight_group_size", "128"))
     assert (args.weight_group_size, args.act_group_size, args.act_topk) == (128, 128, 2)
+
+
+def help_text(capsys) -> str:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    return capsys.readouterr().out
+
+
+def flag_help(text: str, flag: str) -> str:
+    """The help of `flag` (from its entry to the next one), on one line: argparse wraps it."""
+    entry = re.search(rf"^  {re.escape(flag)}\b(.*?)(?=^  -|^\S|\Z)", text, re.MULTILINE | re.DOTALL)
+    return " ".join(entry.group(1).split())
+
+
+def test_help_shows_defaults_and_the_registries_names(capsys):
+    text = help_text(capsys)
+    for flag, default in [("--lr LR", "0.0001"), ("--warmup_steps WARMUP_STEPS", "1000"),
+                          ("--eval_every EVAL_EVERY", "5000"), ("--total_T TOTAL_T", "20000"),
+                          ("--gamma1 GAMMA1", "0.85"), ("--gamma2 GAMMA2", "0.999"),
+                          ("--weight_bits WEIGHT_BITS", "8")]:
+        assert f"(default: {default})" in flag_help(text, flag), flag
+    assert all(name in flag_help(text, "--optimizer OPTIMIZER") for name in OPTIMIZERS)
+    assert f"--weight_format {{{','.join(FORMATS)}}}" in " ".join(text.split())
+
+
+def test_workers_default_is_the_references_16_capped_at_the_cpu_count(monkeypatch):
+    monkeypatch.setattr(args_module, "available_cpus", lambda: 2)
+    assert parse_args(base_argv()).workers == 2
+    monkeypatch.setattr(args_module, "available_cpus", lambda: 64)
+    assert parse_args(base_argv()).workers == 16
+
+
+def test_update_proj_gap_zero_means_never_reset_and_both_optimizers_take_it():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peft_pretraining.optim import build_optimizer
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, pad_token_id=None))
+    ids = torch.randint(0, 32, (2, 8))
+    for name in ("spam", "stablespam"):
+        args = parse_args(base_argv("--optimizer", name, "--update_proj_gap", "0"))
+        assert args.update_proj_gap == 0
+        optimizer = build_optimizer(model, args)
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    with pytest.raises(ValueError, match="--update_proj_gap -1"):
+        parse_args(base_argv("--update_proj_gap", "-1"))
+
+
+@pytest.mark.parametrize("abbreviation", [["--num_train", "5"], ["--max_len=128"], ["--pack"]])
+def test_abbreviated_flags_are_refused(abbreviation, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(base_argv(*abbreviation))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and abbreviation[0].split("=")[0] in err
+
+
+@pytest.mark.parametrize("extra, warned", [
+    (["--act_quant"], True),
+    (["--act_quant", "--weight_bits", "4"], False),
+    (["--act_quant", "--weight_bits=8"], False),
+    (["--fp4"], False),
+])
+def test_act_quant_without_weight_bits_warns_that_it_trains_int8(extra, warned):
+    argv = base_argv(*extra)
+    warnings = flag_warnings(parse_args(argv), argv)
+    assert bool(warnings) == warned
+    if warned:
+        assert "INT8" in warnings[0] and "--weight_bits 4" in warnings[0] and "\n" not in warnings[0]

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import peft_pretraining
+from peft_pretraining import data
 from peft_pretraining.args import parse_args, resolve_batch_arithmetic
 from peft_pretraining.data import resolve_dataset
 from peft_pretraining.metrics import METRICS_FILE, RUN_CONFIG_FILE, RUN_ENV_FILE
 from peft_pretraining.model import load_llama_config
-from peft_pretraining.preflight import check_run_inputs
+from peft_pretraining.preflight import check_run_inputs, check_wandb_key
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled"}
@@ -30,6 +32,7 @@ TINY_CONFIG = {"hidden_act": "silu", "hidden_size": 64, "intermediate_size": 128
                "max_sequence_length": 64, "model_type": "llama", "num_attention_heads": 4, "num_hidden_layers": 2,
                "pad_token_id": -1, "rms_norm_eps": 1e-06, "vocab_size": 32000}
 NO_TEXT_FIELD = '{"content": "documents of this corpus have no text field"}\n'
+BINARY = bytes(range(128, 256)) * 8  # no UTF-8 text starts with a continuation byte
 RUN_DIR = "earlier_run"  # an earlier run's --save_dir, which a failed start must not touch
 
 
@@ -147,6 +150,9 @@ CASES = [
     pytest.param(flag("--weight_format", "int3"), ["--weight_format"], id="unknown-weight-format"),
     pytest.param(flag("--act_format", "fp8"), ["--act_format"], id="unknown-act-format"),
     pytest.param(flag("--dataset", "pile"), ["--dataset pile"], id="unknown-dataset"),
+    pytest.param(flag("--dataset", "c4"), ["--dataset c4", "hub", "HF_", "--dataset sample"], id="c4-offline"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.txt": "text"}), "--tokenizer", "no-user/tok"],
+                 ["--tokenizer no-user/tok", "--tokenizer builtin"], id="hub-tokenizer-offline"),
     pytest.param(flag("--scheduler", "step"), ["--scheduler"], id="unknown-scheduler"),
     pytest.param(flag("--dtype", "fp16"), ["--dtype fp16"], id="unknown-dtype"),
     pytest.param(lambda ws: ["--act_quant", "--weight_bits", "1"], ["--act_quant", "bits"],
@@ -195,6 +201,18 @@ CASES = [
                  ["--dataset", "corpus", "'text'"], id="dataset-without-text-field"),
     pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.jsonl.gz": "not gzip"})],
                  ["--dataset", "corpus", "gzip"], id="dataset-not-gzip"),
+    pytest.param(lambda ws: ["--dataset", os.path.dirname(write(ws, "corpus/a.txt", BINARY))],
+                 ["--dataset", "corpus", "a.txt", "not UTF-8"], id="dataset-binary-txt"),
+    pytest.param(lambda ws: ["--dataset", os.path.dirname(write(ws, "corpus/a.jsonl", BINARY))],
+                 ["--dataset", "corpus", "a.jsonl", "not UTF-8"], id="dataset-binary-jsonl"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.jsonl": '{"text": 5}\n{"text": null}\n'})],
+                 ["--dataset", "corpus", "a.jsonl", "string 'text'"], id="dataset-text-not-a-string"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.jsonl": "id,text\n1,hello\n"})],
+                 ["--dataset", "corpus", "a.jsonl", "'text'"], id="dataset-jsonl-that-is-csv"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.parquet": "not parquet"})],
+                 ["--dataset", "corpus", "a.parquet", "Parquet"], id="dataset-not-parquet"),
+    pytest.param(lambda ws: ["--dataset", directory(ws, "corpus", {"a.txt": "\n\n\n"})],
+                 ["--dataset", "corpus", "a.txt", "no text"], id="dataset-txt-of-blank-lines"),
     # tokenizer
     pytest.param(lambda ws: ["--tokenizer", str(ws / "no_tokenizer")], ["--tokenizer", "no_tokenizer"],
                  id="tokenizer-missing-dir"),
@@ -284,3 +302,64 @@ def test_command_line_prints_one_line_without_traceback(workspace, extra, expect
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and expected in lines[0], done.stderr
     assert snapshot(workspace) == before
+
+
+@pytest.fixture
+def no_wandb_key(monkeypatch, tmp_path):
+    """wandb online, and nowhere a key: no WANDB_API_KEY, an empty netrc."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("")
+    monkeypatch.setenv("NETRC", str(netrc))
+    return netrc
+
+
+def test_wandb_without_a_key_fails_at_once_before_writing(workspace, no_wandb_key, capsys):
+    argv = [arg for arg in base_argv(workspace) if arg != "--unset_wandb"]
+    before = snapshot(workspace)
+    started = time.monotonic()
+    code = run_main(argv)
+    elapsed = time.monotonic() - started
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "--unset_wandb" in lines[0] and "WANDB_MODE=offline" in lines[0]
+    assert snapshot(workspace) == before and elapsed < 1.0
+
+
+def test_wandb_key_is_found_where_wandb_looks(no_wandb_key, monkeypatch):
+    with pytest.raises(ValueError, match="--unset_wandb"):
+        check_wandb_key(unset_wandb=False)
+    check_wandb_key(unset_wandb=True)
+    no_wandb_key.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")
+    check_wandb_key(unset_wandb=False)
+    no_wandb_key.write_text("")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_MODE", "disabled"), ("WANDB_API_KEY", "0123")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            check_wandb_key(unset_wandb=False)
+
+
+@pytest.fixture
+def hub_down(monkeypatch):
+    """Online settings, but every connection fails (as without network): nothing here touches the network."""
+    for name in data.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(data.socket, "create_connection", refuse)
+    monkeypatch.setattr(data, "_in_hub_cache", lambda repo_id: False)
+
+
+def test_offline_c4_and_hub_tokenizer_fail_within_seconds_with_one_line(workspace, hub_down, capsys):
+    corpus = directory(workspace, "corpus", {"a.txt": "some text"})
+    for extra, expected in ((["--dataset", "c4"], ["--dataset c4", "--dataset sample"]),
+                            (["--dataset", corpus, "--tokenizer", "t5-base"],
+                             ["--tokenizer t5-base", "--tokenizer builtin"])):
+        started = time.monotonic()
+        code = run_main(base_argv(workspace) + extra)
+        lines = capsys.readouterr().err.splitlines()
+        assert code == 2 and len(lines) == 1 and all(text in lines[0] for text in expected), lines
+        assert time.monotonic() - started < 1.0  # a refused connection is known at once

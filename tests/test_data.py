@@ -1,11 +1,13 @@
 """Data pipeline: the built-in tokenizer and sample, local sources, sharding across ranks x workers, batches."""
 
 import collections
+import itertools
 import gzip
 import json
 import os
 import signal
 import socket
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,11 +21,13 @@ from peft_pretraining.data import (
     BUILTIN_TOKENIZER_DIR,
     SAMPLE_DIR,
     build_eval_dataloader,
+    build_resumable_train_batches,
     build_train_dataloader,
     load_documents,
     load_tokenizer,
     resolve_dataset,
 )
+from peft_pretraining.preflight import check_documents
 
 ENGLISH = "In the beginning God created the heavens and the earth. To be, or not to be: that is the question."
 
@@ -164,7 +168,7 @@ def test_jsonl_gz_parquet_and_txt_give_the_same_documents(tmp_path):
 
 def test_directory_splits_validation_files_by_name(tmp_path):
     source, docs = make_corpus(tmp_path, num_shards=3)
-    assert source.builder == "json" and not source.holdout
+    assert source.builder == "files" and not source.holdout
     assert [p.rsplit("/", 1)[-1] for p in source.validation_files] == ["validation-00000.jsonl"]
     assert len(source.train_files) == 3
     assert sorted(ex["text"] for ex in load_documents(source, "train")) == sorted(docs)
@@ -174,14 +178,10 @@ def test_directory_splits_validation_files_by_name(tmp_path):
 def test_bad_dataset_arguments_raise_one_line_errors(tmp_path):
     (tmp_path / "no_data").mkdir()
     (tmp_path / "no_data" / "notes.csv").write_text("a,b\n")
-    (tmp_path / "mixed").mkdir()
-    write_jsonl(tmp_path / "mixed" / "a.jsonl", ["x"])
-    (tmp_path / "mixed" / "b.txt").write_text("y")
     cases = [
         (str(tmp_path / "missing"), FileNotFoundError, "no such file"),
         (str(tmp_path / "no_data"), FileNotFoundError, "no non-empty .jsonl.gz"),
         (str(tmp_path / "no_data" / "notes.csv"), ValueError, "unsupported file type"),
-        (str(tmp_path / "mixed"), ValueError, "mixes file formats"),
         ("openwebtext", ValueError, "unknown dataset"),
     ]
     for name, error, words in cases:
@@ -191,12 +191,53 @@ def test_bad_dataset_arguments_raise_one_line_errors(tmp_path):
         assert message.startswith(f"--dataset {name}:") and words in message and "\n" not in message
 
 
-def test_documents_without_a_text_field_are_named(tmp_path, tokenizer):
+def test_documents_without_a_text_field_are_named(tmp_path):
     path = tmp_path / "docs.jsonl"
     path.write_text(json.dumps({"content": "hello"}) + "\n")
-    with pytest.raises(ValueError, match=f"--dataset {path}: documents need a 'text' field"):
-        build_train_dataloader(resolve_dataset(str(path)), tokenizer, max_length=16, batch_size=1, rank=0,
-                               world_size=1, num_workers=0)
+    with pytest.raises(ValueError, match=f"--dataset {path}: {path} has no row with a string 'text' field"):
+        check_documents(resolve_dataset(str(path)))
+
+
+def test_a_folder_mixing_formats_reads_every_file(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "a.jsonl", ["from the json lines"])
+    (tmp_path / "b.txt").write_text("first paragraph\n\nsecond paragraph\n")
+    pq.write_table(pa.table({"text": ["from parquet"]}), tmp_path / "c.parquet")
+    source = resolve_dataset(str(tmp_path))
+    check_documents(source)
+    documents = [ex["text"] for ex in load_documents(source, "train")] + \
+        [ex["text"] for ex in load_documents(source, "validation")]
+    assert sorted(documents) == ["first paragraph", "from parquet", "from the json lines", "second paragraph"]
+
+
+def test_rows_without_string_text_are_skipped_and_counted(tmp_path, tokenizer):
+    rows = ['{"text": "kept one"}', '{"content": "no text"}', '{"text": null}', '{"text": 5}', "not json",
+            '{"text": ["a list"]}', '{"text": "kept two"}']
+    (tmp_path / "train.jsonl").write_text("\n".join(rows) + "\n")
+    write_jsonl(tmp_path / "validation.jsonl", ["held out"])
+    source = resolve_dataset(str(tmp_path))
+    check_documents(source)  # the file has text: accepted
+    notes = []
+    batches = build_resumable_train_batches(source, tokenizer, max_length=16, batch_size=2, rank=0, world_size=1,
+                                            num_workers=0, notify=notes.append)
+    decoded = [tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+               for batch in itertools.islice(batches, 3) for ids, mask in zip(batch["input_ids"],
+                                                                               batch["attention_mask"])]
+    assert sorted(set(decoded)) == ["kept one", "kept two"]
+    assert batches.data_counts()["documents_skipped"] >= 5 and batches.data_counts()["documents_truncated"] == 0
+    assert len(notes) == 1 and "'text'" in notes[0]
+
+
+def test_documents_longer_than_max_length_are_cut_counted_and_said_once(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "train.jsonl", ["short", " ".join(["word"] * 100), " ".join(["more"] * 100)])
+    write_jsonl(tmp_path / "validation.jsonl", ["held out"])
+    notes = []
+    batches = build_resumable_train_batches(resolve_dataset(str(tmp_path)), tokenizer, max_length=8, batch_size=3,
+                                            rank=0, world_size=1, num_workers=0, notify=notes.append)
+    batch = next(iter(batches))
+    assert batch["attention_mask"].sum(dim=1).tolist().count(8) == 2  # cut to max_length, EOS kept
+    assert batches.data_counts() == {"documents_skipped": 0, "documents_truncated": 2}
+    next(iter(batches))
+    assert len(notes) == 1 and "--max_length 8" in notes[0] and "--packing" in notes[0]
 
 
 def test_sample_corpus_is_present_and_split(tokenizer):
@@ -346,3 +387,19 @@ def test_packing_fills_rows_with_documents_joined_by_eos(tmp_path, tokenizer):
     packed = [i for b in batches for i in b["input_ids"].flatten().tolist()]
     assert packed == stream[: len(stream) // 16 * 16]
 
+
+
+def test_a_hanging_hub_connection_counts_as_unreachable_after_the_timeout(monkeypatch):
+    for name in data.OFFLINE_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(data, "HUB_CONNECT_TIMEOUT", 0.2)
+    def hang(*args, **kwargs):  # like DNS that does not answer
+        time.sleep(2)
+        raise OSError("timed out")
+
+    monkeypatch.setattr(data.socket, "create_connection", hang)
+    started = time.monotonic()
+    assert "no connection to huggingface.co" in data.hub_unreachable()
+    assert time.monotonic() - started < 1.0
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert data.hub_unreachable() == "HF_HUB_OFFLINE=1"

@@ -51,3 +51,25 @@ def test_finished_runs_are_skipped(tmp_path):
     names = {Path(parse_args(argv).save_dir).name for argv in planned_commands(tmp_path)}
     assert len(names) == 5 * 3 * 3 + 2 * 3 + 2 * 3 - 1
     assert "fp32-adam-lr3e-3-s0" not in names and "fp32-adam-lr3e-3-s1" in names
+
+
+def test_dry_run_flag_plans_into_runs_and_writes_nothing(tmp_path):
+    """--dry-run (like the launchers) trains and writes nothing; only --publish targets the committed results."""
+    env = {key: value for key, value in os.environ.items() if key not in ("DRY_RUN", "MINI_PAPER_DIR")}
+    committed = {path: path.read_bytes() for path in (REPO / "docs" / "mini_paper").rglob("*") if path.is_file()}
+    out_dir = REPO / "runs" / "mini_paper"
+    existed = out_dir.exists()
+    for extra, place in (([], out_dir), (["--publish"], REPO / "docs" / "mini_paper")):
+        done = subprocess.run(["bash", str(REPO / "scripts" / "mini_paper.sh"), "--dry-run", *extra], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        save_dirs = {Path(parse_args(shlex.split(line)[2:]).save_dir).parent
+                     for line in done.stdout.splitlines() if "main_pretrain.py" in line}
+        assert save_dirs == {place / "runs"}
+    assert out_dir.exists() == existed
+    assert {path: path.read_bytes() for path in (REPO / "docs" / "mini_paper").rglob("*") if path.is_file()} == committed
+
+
+def test_unknown_argument_is_refused_with_one_line():
+    done = subprocess.run(["bash", str(REPO / "scripts" / "mini_paper.sh"), "--dryrun"], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "--dryrun" in done.stderr

@@ -303,8 +303,8 @@ def test_bad_settings_fail_with_one_line_naming_the_fix(argv, env, message):
 
 
 def test_refused_prefixes_never_catch_a_real_flag():
-    """launch.sh refuses every prefix of the flags it guards (argparse's allow_abbrev would accept them); a
-    main_pretrain.py flag that is a strict prefix of a guarded one would be refused wrongly."""
+    """launch.sh refuses every prefix of the flags it guards (before launching, where main_pretrain.py would refuse
+    them after); a main_pretrain.py flag that is a strict prefix of a guarded one would be refused wrongly."""
     script = (PAPER / "launch.sh").read_text()
     guarded = [flag for name in ("REFUSED_FLAGS", "TAGGING_FLAGS")
                for flag in script.split(f"{name}=(")[1].split(")")[0].split()]

@@ -157,3 +157,38 @@ def test_bad_smooth_is_a_one_line_error(tmp_path, capsys):
     run = write_run(tmp_path / "run", None)
     assert plot_runs.main([str(run), "--smooth", "1.0"]) == 2
     assert "--smooth" in capsys.readouterr().err
+
+
+def test_a_folder_of_runs_is_read_like_its_runs(tmp_path):
+    root = tmp_path / "sweep"
+    write_run(root / "adam-s0", config("adam", 0), final_ppl=20.0)
+    write_run(root / "stablespam-s0", config("stablespam", 0), final_ppl=18.0)
+    (root / "notes").mkdir()  # not a run: ignored
+    assert plot_runs.main([str(root), "--out", str(tmp_path / "plots")]) == 0
+    rows = table_rows((tmp_path / "plots" / "final_ppl.md").read_text())
+    assert [row[0] for row in rows[1:]] == ["adam", "stablespam"]
+
+
+def test_figures_have_titles_and_dashed_lines_drawn_above_solid_ones(tmp_path, monkeypatch):
+    figures = {}
+
+    def keep(fig, path: Path) -> Path:
+        figures[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plot_runs, "_save", keep)
+    runs = [write_run(tmp_path / f"run{seed}", config("adam", seed), final_ppl=20.0, spikes=True) for seed in (0, 1)]
+    assert plot_runs.main([str(run) for run in runs] + ["--out", str(tmp_path / "plots")]) == 0
+    for name, fig in figures.items():
+        assert fig.get_suptitle() or all(axes.get_title() for axes in fig.axes), name
+    lines = figures["grad_norm.png"].axes[0].get_lines()
+    solid = [line.get_zorder() for line in lines if line.get_linestyle() == "-"]
+    dashed = [line.get_zorder() for line in lines if line.get_linestyle() == "--"]
+    assert len(solid) == len(dashed) == 2 and min(dashed) > max(solid)
+
+
+def test_final_ppl_table_shows_lr_once(tmp_path):
+    runs = [plot_runs.load_run(write_run(tmp_path / f"lr{lr}", config("adam", 0, lr=lr, max_lr=lr), final_ppl=20.0))
+            for lr in (1e-3, 3e-3)]
+    header = table_rows(plot_runs.final_ppl_table(runs))[0]
+    assert "lr" in header and "max_lr" not in header

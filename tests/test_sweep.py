@@ -114,6 +114,11 @@ def test_bad_grids_fail_with_one_line(tmp_path, argv, message):
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_help_lists_every_format_and_preset():
+    text = " ".join(run_sweep("--help").stdout.split())
+    assert all(name in text for name in [*sweep.FORMATS, *sweep.OPTIMIZERS, *sweep.STABLESPAM_PRESETS])
+
+
 def test_refused_abbreviations_never_catch_a_real_flag():
     """A main_pretrain.py flag that is a strict prefix of one the sweep sets or reads would be refused wrongly."""
     real_flags = {flag for flag in build_parser()._option_string_actions if flag.startswith("--")}

@@ -58,7 +58,9 @@ def test_training_reduces_loss_and_records_everything(tiny_config, tmp_path):
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [10, 20]
     assert set(evals[0]) == EVAL_KEYS
-    assert set(evals[1]) == EVAL_KEYS | {"final_eval_loss", "final_eval_tokens"}
+    assert set(evals[1]) == EVAL_KEYS | {"final_eval_loss", "final_eval_tokens", "documents_skipped",
+                                         "documents_truncated"}
+    assert evals[1]["documents_skipped"] == 0 and evals[1]["documents_truncated"] > 0  # the sample's documents
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
     assert evals[1]["eval_loss_reference"] < evals[1]["eval_loss"]  # the n/(n+1) bias
     assert result.final_metrics["final_eval_loss"] == evals[1]["eval_loss"]
@@ -305,3 +307,17 @@ def test_accelerate_settings_we_do_not_follow_are_named():
                                                       "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"})
     assert "--multi_gpu --num_processes N" in cpu
     assert "--dtype" in precision and "--compile" in dynamo
+
+
+def test_a_small_eval_set_is_warned_about_once_and_the_reference_estimator_explained(tiny_config, tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n\n".join(f"paragraph {i} of the training text" for i in range(40)))
+    (corpus / "validation.txt").write_text("a short held-out paragraph")
+    peft_pretraining.run(run_argv(tiny_config, tmp_path / "run", "--dataset", str(corpus), "--tokenizer", "builtin",
+                                  "--num_training_steps", "4", "--eval_every", "2", "--eval_tokens", "10M"))
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if "evaluation set" in line]
+    assert len(warnings) == 1 and "under 10,000" in warnings[0] and "reference estimator" in warnings[0]
+    final = next(line for line in out.splitlines() if line.startswith("Final eval"))
+    assert "reference estimator, the papers' sum of batch mean losses over batches + 1" in final

@@ -41,8 +41,8 @@ manifest="$here/cells.tsv"
 # pure bf16, cosine to 0.1 x lr, no weight decay, eval every 1000 updates on 10M tokens.
 TOTAL_BATCH=512
 MAX_LENGTH=256
-# Pass-through flags that would make the run name or the batch split stale. main_pretrain.py's argparse accepts
-# any unambiguous prefix of a flag (allow_abbrev), so a prefix of one of these is refused too.
+# Pass-through flags that would make the run name or the batch split stale. A prefix of one of these is refused
+# too: main_pretrain.py would refuse it as well, but only after the launch.
 REFUSED_FLAGS=(--lr --seed --num_training_steps --max_train_tokens --warmup_steps --update_proj_gap --optimizer
                --batch_size --total_batch_size --gradient_accumulation --max_length --save_dir --name)
 # Pass-through flags that tag the run name; they must be spelled out so the tag cannot be missed.
