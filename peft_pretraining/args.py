@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--min_lr_ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
     add("--weight_decay", type=float, default=0.0, help="decoupled (adamw) or L2 weight decay")
     add("--grad_clipping", type=float, default=0.0, help="clip the global grad norm to this value (0: off)")
-    add("--activation_checkpointing", action="store_true", help="recompute each decoder layer in backward: less activation memory, the same losses")
+    add("--activation_checkpointing", action="store_true",
+        help="recompute each decoder layer in backward: less activation memory, the same losses")
     add("--tags", type=str, default=None, help="comma-separated wandb tags")
     add("--name", type=str, default="test", help="wandb run name")
     add("--project", type=str, default="test", help="wandb project")
