@@ -60,7 +60,7 @@ class _OneLineErrorParser(argparse.ArgumentParser):
     """argparse prints the whole usage (80 flags) before an error; we print only the error line."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
 
 
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -200,9 +200,18 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and validate the flags; resolve the defaults that depend on other flags."""
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    _resolve_defaults(args)
-    _validate(args)
+    try:
+        _resolve_defaults(args)
+        _validate(args)
+    except ValueError as err:  # messages quote the user's values, which may hold newlines
+        raise ValueError(one_line(str(err))) from None
     return args
+
+
+def one_line(text: str) -> str:
+    """`text` with control characters (newlines, tabs, ...) escaped: an error stays one line whatever a
+    flag's value holds."""
+    return "".join(char if char.isprintable() or char == " " else repr(char)[1:-1] for char in text)
 
 
 def flag_warnings(args: argparse.Namespace, argv: list[str]) -> list[str]:

@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from peft_pretraining.args import flag_warnings, parse_args, resolve_batch_arithmetic
+from peft_pretraining.args import flag_warnings, one_line, parse_args, resolve_batch_arithmetic
 from peft_pretraining.checkpoint import (
     TrainingState,
     find_checkpoint,
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(argv)
     except UsageError as err:
-        print(f"main_pretrain.py: error: {err}", file=sys.stderr)
+        print(f"main_pretrain.py: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         print(f"main_pretrain.py: training stopped: {err}", file=sys.stderr)

@@ -287,3 +287,19 @@ def test_act_quant_without_weight_bits_warns_that_it_trains_int8(extra, warned):
     assert bool(warnings) == warned
     if warned:
         assert "INT8" in warnings[0] and "--weight_bits 4" in warnings[0] and "\n" not in warnings[0]
+
+
+@pytest.mark.parametrize("argv", [["--dtype", "\n"], ["--optimizer", "adam\nw"], ["--scheduler", "a\tb"]])
+def test_values_with_control_characters_give_one_line_errors(argv, capsys):
+    """Found by the flag fuzzer: a value holding a newline made a two-line error."""
+    base = ["--model_config", "configs/llama_9m.json", "--batch_size", "1"]
+    try:
+        parse_args([*base, *argv])
+    except SystemExit as exit_:
+        assert exit_.code == 2
+        message = capsys.readouterr().err
+        assert message.count("\n") == 1 and "\\" in message
+    except ValueError as err:
+        assert "\n" not in str(err) and "\\" in str(err)
+    else:
+        raise AssertionError(f"{argv} was accepted")
