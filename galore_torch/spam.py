@@ -26,6 +26,7 @@ from galore_torch.base import (
     validate_non_negative_int,
     validate_variant,
 )
+from galore_torch.chunking import compile_core, merge_sum, run_in_chunks
 from galore_torch.sharded import all_reduce_stacked, local, shard_group, shard_like
 
 # The post-reset warm-up starts at 1 - WARMUP_PEAK (0.01) and ramps to 1 along a half cosine.
@@ -251,8 +252,7 @@ class SPAM(ConfiguredOptimizer):
         self._mask_copies: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         self._core: Callable[[list[Bucket], list[BucketRule]], list[torch.Tensor]] = update_buckets
         if settings["compile"]:
-            # Round low-precision intermediates as eager does, so bf16 runs stay close to the uncompiled numbers.
-            self._core = torch.compile(update_buckets, fullgraph=True, options={"emulate_precision_casts": True})
+            self._core = compile_core(update_buckets)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group, add it, and draw the masks of its 2-D params if it is a density group."""
@@ -304,7 +304,7 @@ class SPAM(ConfiguredOptimizer):
         n = self.total_step + 1
         scale = warmup_scale(self.current_step, self.param_groups[0]["warmup_epoch"])
         buckets, rules, shard_groups = self._prepare_buckets(n, scale)
-        squared_norms = self._core(buckets, rules) if buckets else []
+        squared_norms = self._run_core(buckets, rules) if buckets else []
         self._record_grad_norm(squared_norms, shard_groups)
 
         self.param_groups[0]["total_step"] += 1
@@ -314,6 +314,13 @@ class SPAM(ConfiguredOptimizer):
             self._refresh_masks()
             self.param_groups[0]["current_step"] = 0
         return loss
+
+    def _run_core(self, buckets: list[Bucket], rules: list[BucketRule]) -> list[torch.Tensor]:
+        """The core over every bucket; compiled, one layer-sized chunk at a time, so its compile cost does not
+        grow with depth (galore_torch.chunking). SPAM's update is entry-wise, so shards may be cut too."""
+        if not self.settings["compile"]:
+            return self._core(buckets, rules)
+        return run_in_chunks(self._core, buckets, rules, merge_sum)
 
     def _state_dtype(self, p: torch.Tensor) -> torch.dtype:
         return torch.float32 if self.fp32_state and p.is_floating_point() else p.dtype

@@ -29,6 +29,7 @@ from galore_torch.base import (
     validate_unit_interval,
     validate_variant,
 )
+from galore_torch.chunking import compile_core, merge_per_tensor, run_in_chunks
 from galore_torch.sharded import all_reduce_stacked, local, shard_group, shard_like
 
 Tensors = list[torch.Tensor]
@@ -451,8 +452,7 @@ class StableSPAM(ConfiguredOptimizer):
         self.fp32_state = settings["fp32_state"]
         self._core: Callable[..., list[tuple[Tensors, Tensors]]] = update_buckets
         if settings["compile"]:
-            # emulate_precision_casts: keep the explicit bf16 roundings that make bf16 EMAs stall as in eager
-            self._core = torch.compile(update_buckets, fullgraph=True, options={"emulate_precision_casts": True})
+            self._core = compile_core(update_buckets)
 
     @property
     def total_steps(self) -> int:
@@ -486,12 +486,21 @@ class StableSPAM(ConfiguredOptimizer):
         if len(shard_groups) > 1:
             raise ValueError("StableSPAM params are sharded over different process groups; shard them all "
                              "over one device mesh (one fully_shard mesh for the whole model)")
-        results = self._core(buckets, rules, shard_groups.pop() if shard_groups else None)
+        results = self._run_core(buckets, rules, shard_groups.pop() if shard_groups else None)
         for entries, (thresholds, scales) in zip(members, results):
             for (p, state, _), threshold, norm_scale in zip(entries, thresholds, scales):
                 state["clip_threshold"] = threshold.to(self._state_dtype(p))
                 state["norm_scale"] = norm_scale.to(self._state_dtype(p))
         return loss
+
+    def _run_core(self, buckets: list[Bucket], rules: list[BucketRule],
+                  shard_group: dist.ProcessGroup | None) -> list[tuple[Tensors, Tensors]]:
+        """The core over every bucket; compiled over whole tensors, one layer-sized chunk at a time, so its
+        compile cost does not grow with depth (galore_torch.chunking). Shards stay together: their statistics
+        are reduced across ranks in one collective per step."""
+        if not self.settings["compile"] or shard_group is not None:
+            return self._core(buckets, rules, shard_group)
+        return run_in_chunks(self._core, buckets, rules, merge_per_tensor)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group's own hyper-parameters, then add it."""
