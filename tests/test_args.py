@@ -85,7 +85,7 @@ def test_seed_bf16_command():
     assert args.save_dir == "/scratch-shared/saved"
 
 
-# Every flag of the reference (spec d.1) with a non-default value, and the parsed value it must give.
+# Every flag of the reference (docs/algorithms.md#d1) with a non-default value, and the parsed value it must give.
 REFERENCE_FLAGS = {
     "--eval_every": ("7", 7), "--save_every": ("9", 9), "--dtype": ("bf16", "bfloat16"), "--seed": ("3", 3),
     "--resume_step": ("4", 4), "--restore_optimizer": (None, True), "--continue_from": ("ckpts", "ckpts"),
