@@ -32,7 +32,7 @@ SKIPPED_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypot
                 "wandb", "node_modules"}
 
 # Something outside the repository: the team's shared folder, at any depth above it. Written so that this file
-# does not match itself; `/scratch-shared/saved` in the papers' own command lines is a cluster path, not ours.
+# does not match itself. The papers' own command lines save to their cluster's scratch folder, which is no link.
 OUTSIDE = re.compile(r"(?<![\w-])shared[/\\]|\.\./\.\./shared")
 CITATION = re.compile(r"docs/algorithms\.md#([\w-]+)")
 FENCE = re.compile(r"^(\s*)```(.*)$")
