@@ -2,7 +2,7 @@
 
 The step is split in two: host-side bookkeeping on Python ints (counters, reset/clip gates, mask refresh) and
 a device-side functional core over lists of tensors (`update_buckets`) that never syncs and that
-`torch.compile(fullgraph=True)` can compile. Reference behaviour: shared/spec/reference-behaviour.md section b.
+`torch.compile(fullgraph=True)` can compile. Reference behaviour and quirks: docs/algorithms.md#b.
 """
 
 import math

@@ -4,7 +4,7 @@ periodic momentum reset.
 The step is split in two: host-side bookkeeping on Python numbers (step counters, the cosine scale, bias
 corrections, the reset gate) and a functional core over lists of tensors (`update_buckets`) that never
 syncs with the device and that `torch.compile(fullgraph=True)` compiles whole. Reference behaviour:
-shared/spec/reference-behaviour.md section a.
+docs/algorithms.md#a.
 """
 
 import math
@@ -107,7 +107,7 @@ def update_bucket(bucket: Bucket, rule: BucketRule) -> tuple[Tensors, Tensors]:
     divisions by a per-tensor number are multiplications by its reciprocal (a rounding difference, and
     three divisions per entry fewer). With bf16/fp16 state it rounds to that dtype where the original's
     operations did, the products of every moving average included: that is what makes bf16 EMAs stall where
-    the original's did (spec a.5.9). Reads `grads` without writing them.
+    the original's did (docs/algorithms.md#a5-9). Reads `grads` without writing them.
     """
     grads = _compute_dtype_grads(bucket, rule)
     clipped = _adaclip(bucket, rule, grads, [_abs_max(grad) for grad in grads])
@@ -385,7 +385,7 @@ class StableSPAM(ConfiguredOptimizer):
     The arithmetic runs in float32 (float64 for float64 params); state is stored in the param dtype, as in
     the original, or in float32 with `fp32_state=True`. With bf16 state the moving averages and the params
     are rounded to bf16 where the original's operations round them, so they stall where the original's do
-    (spec a.5.9); the clipped and normalised gradient stays float32 (a round-off difference).
+    (docs/algorithms.md#a5-9); the clipped and normalised gradient stays float32 (a round-off difference).
 
     Sharded params (FSDP2's DTensors) are updated shard by shard, with max|g| and the clipped gradient's
     norm taken over the whole tensor: every tensor's partial values are reduced across the shard group in one

@@ -1,6 +1,6 @@
 """Command-line flags of the training run.
 
-Every flag of the reference `main_pretrain.py` keeps its name and meaning (spec d.1), so old command lines
+Every flag of the reference `main_pretrain.py` keeps its name and meaning (docs/algorithms.md#d1), so old command lines
 parse and mean what they did; the few new flags are grouped at the end of `build_parser`. `parse_args` does the
 checks that need nothing but the flags; `resolve_batch_arithmetic` does the ones that need the world size.
 Every user error is a ValueError naming the flag and the fix (the entry point turns it into one line, exit 2).
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                             allow_abbrev=False, formatter_class=_DefaultsHelpFormatter)
     add = p.add_argument
 
-    # --- the reference's flags (spec d.1), same names, types and defaults ---
+    # --- the reference's flags (docs/algorithms.md#d1), same names, types and defaults ---
     add("--model_config", type=str, required=True, help="LLaMA JSON config, e.g. configs/llama_130m.json")
     add("--eval_every", type=int, default=5_000, help="evaluate every N updates (and at the end)")
     add("--save_every", type=int, default=10_000, help="checkpoint every N updates (and at the end)")

@@ -1,6 +1,6 @@
 """Tokenizer and data: C4 streamed from the hub, the built-in sample, or local files, through one pipeline.
 
-The reference (spec d.6) streams `allenai/c4` `en`, shuffles it with seed 42 and a 1000-document buffer, splits it
+The reference (docs/algorithms.md#d6) streams `allenai/c4` `en`, shuffles it (seed 42, 1000-document buffer), splits it
 across ranks with `split_dataset_by_node`, and makes one sequence per document: the T5 tokens truncated to
 `max_length` with EOS kept, right-padded with the pad id. We keep that, and fix its data loss: the reference's
 wrapper made each DataLoader worker keep only every `workers`-th document of the shards `datasets` had already

@@ -1,7 +1,7 @@
 """Held-out evaluation: the token-weighted loss, and the reference's biased estimator beside it.
 
 The reference divided the sum of per-batch mean losses by (number of batches + 1), biasing the reported loss
-low by n/(n+1) (~1%, spec g.2 #8). Papers quote that number, so we log it as `eval_loss_reference` next to the
+low by n/(n+1) (~1%, docs/algorithms.md#g2-8). Papers quote it, so we log it as `eval_loss_reference` next to the
 correct token-weighted `eval_loss`, which is what `eval_ppl` is computed from.
 """
 

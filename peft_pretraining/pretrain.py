@@ -62,7 +62,7 @@ from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.throughput import model_flops_per_token, peak_tflops
 from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
 
-# The reference shuffles C4 with a fixed seed whatever --seed is (spec g.1 item 5): runs with different
+# The reference shuffles C4 with a fixed seed whatever --seed is (docs/algorithms.md#g1-5): runs with different
 # --seed values differ in initialisation, not in data order.
 DATA_SHUFFLE_SEED = 42
 # An evaluation over fewer tokens is noise, and the reference estimator (sum of per-batch mean losses over

@@ -1,7 +1,7 @@
 """Learning-rate schedules as LambdaLR multipliers on `--lr`.
 
 LambdaLR evaluates the factor at the scheduler's step count before each update, so update k runs with
-`factor(k - 1)`: update 1 has factor(0) = 0 under warm-up, as in the reference (spec d.3).
+`factor(k - 1)`: update 1 has factor(0) = 0 under warm-up, as in the reference (docs/algorithms.md#d3).
 """
 
 import math

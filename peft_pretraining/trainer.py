@@ -1,7 +1,7 @@
 """The update loop: accumulate micro-batches, measure and clip the gradient, step, schedule, log, and call
 the evaluation and checkpoint hooks on their cadence.
 
-Exactly `num_training_steps` updates are *applied* (the reference ran one more, at lr x 1e-7; spec g.2 #9).
+Exactly `num_training_steps` updates are *applied* (the reference ran one more, at lr x 1e-7; docs/algorithms.md#g2-9).
 
 Non-finite updates. Every update is checked once, after its last backward: it is non-finite when the sum of
 its micro-batch losses or the global gradient norm (non-finite if any gradient element is) is NaN/inf. The

@@ -1,4 +1,4 @@
-"""The reference's "FP4" (spec c.4): a uniform 9-level grid {-4..4} * alpha/4, not E2M1.
+"""The reference's "FP4" (docs/algorithms.md#c4): a uniform 9-level grid {-4..4} * alpha/4, not E2M1.
 
 The reference evaluates the LLM-FP4 formula (e=1, m=2, b=1, per-group max alpha after removing the top-k),
 but with those constants its exponent is always clamped to the same value, leaving a round-half-even of

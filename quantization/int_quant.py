@@ -1,4 +1,4 @@
-"""Group-wise INT-b fake quantisation as in the reference (spec c.2 weights, c.3 activations).
+"""Group-wise INT-b fake quantisation as in the reference (docs/algorithms.md#c2 weights, #c3 activations).
 
 Computed in the input dtype, as the reference did, so that bfloat16 results follow its arithmetic too (up to
 an ulp on activations tied with the top-k threshold, see outliers.py).

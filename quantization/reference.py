@@ -1,4 +1,4 @@
-"""The reference CLI's quantisation flags as configs (spec c.1: what its flags effectively did)."""
+"""The reference CLI's quantisation flags as configs (docs/algorithms.md#c1: what its flags effectively did)."""
 
 from quantization.config import QuantConfig
 

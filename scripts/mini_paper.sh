@@ -69,7 +69,7 @@ optimizer_flags() {
   esac
 }
 
-# What the original code effectively ran: W4A4 with groups of 256, round-to-nearest (spec c).
+# What the original code effectively ran: W4A4 with groups of 256, round-to-nearest (docs/algorithms.md#c1).
 format_flags() {
   case $1 in
     fp32) echo "" ;;

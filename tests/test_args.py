@@ -12,10 +12,10 @@ from peft_pretraining import args as args_module
 from peft_pretraining.args import flag_warnings, parse_args, parse_token_count, resolve_batch_arithmetic
 from quantization import FORMATS
 
-SEED_README = Path(__file__).resolve().parents[2] / "shared" / "seeds" / "stablespam_readme.txt"
+SEED_README = Path(__file__).resolve().parents[1] / "README.md"
 
-# The three command lines of the original README (shared/seeds/stablespam_readme.txt), used when the seed
-# file is not beside the checkout.
+# The three command lines of the original Stable-SPAM README, which README.md must show unchanged (checked
+# below); this copy is used where README.md is missing.
 EMBEDDED_SEED_COMMANDS = [
     """torchrun --standalone --nproc_per_node 4 main_pretrain.py --model_config configs/llama_350m.json
     --eval_every 1000 --save_every 100000 --dtype bfloat16 --batch_size 128 --total_batch_size 512 --lr 0.0004
@@ -85,7 +85,7 @@ def test_seed_bf16_command():
     assert args.save_dir == "/scratch-shared/saved"
 
 
-# Every flag of the reference (spec d.1) with a non-default value, and the parsed value it must give.
+# Every flag of the reference (docs/algorithms.md#d1) with a non-default value, and the parsed value it must give.
 REFERENCE_FLAGS = {
     "--eval_every": ("7", 7), "--save_every": ("9", 9), "--dtype": ("bf16", "bfloat16"), "--seed": ("3", 3),
     "--resume_step": ("4", 4), "--restore_optimizer": (None, True), "--continue_from": ("ckpts", "ckpts"),

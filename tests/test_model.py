@@ -1,4 +1,4 @@
-"""The model of a run: reference configs build with the spec's parameter counts, the transformers-5 traps are
+"""The model of a run: reference configs build with the published parameter counts, the transformers-5 traps are
 mapped, the tokenizer is checked against the vocab, and the quantization flags become the right configs."""
 
 import json
@@ -20,7 +20,7 @@ from quantization import QuantLinear
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-# spec e: total parameters (M) of every reference config
+# docs/algorithms.md#e: total parameters (M) of every reference config
 SPEC_PARAMS_M = {"9m": 9.00, "20m": 19.55, "35m": 35.20, "40m": 42.39, "60m": 58.07, "71m": 70.58,
                  "100m": 100.12, "130m": 134.11, "250m": 247.37, "350m": 367.97, "1b": 1339.08,
                  "3b": 2685.83, "7b": 6738.42}

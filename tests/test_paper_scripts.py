@@ -1,5 +1,5 @@
 """The paper launchers in scripts/paper/: every published cell dry-runs to a command that main_pretrain.py
-accepts and that carries the paper's settings (Stable-SPAM Tables 1, 2, 6, 7; spec f), whatever the GPU count;
+accepts and that carries the paper's settings (Stable-SPAM Tables 1, 2, 6, 7; docs/algorithms.md#f) on any GPU count;
 the run name follows every setting that changes the run; a relaunch resumes from the run's checkpoint."""
 
 import os
@@ -137,8 +137,8 @@ def test_every_cell_dry_runs_with_the_paper_settings(cell):
         assert (args.update_proj_gap, args.total_T, args.eta) == (1000, args.num_training_steps, 0.5)
     if optimizer == "spam":
         assert (args.density, args.update_proj_gap, args.grad_accu_steps) == (1.0, 500, 20)
-        # Table 1: the StableSPAM repo's SPAM constructor defaults (spec b.1); Table 2: the SPAM paper's code,
-        # which passed the lr warm-up as the post-reset warm-up (spec b.6).
+        # Table 1: the StableSPAM repo's SPAM defaults (docs/algorithms.md#b1); Table 2: the SPAM paper's code,
+        # which passed the lr warm-up as the post-reset warm-up (docs/algorithms.md#b6).
         assert (args.threshold, args.warmup_epoch) == ((5000, 1000) if table == "t2" else (2000, 150))
 
     run_name = f"{cell}-lr{MANIFEST[cell]['lr']}-s0"

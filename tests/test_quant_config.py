@@ -1,4 +1,4 @@
-"""QuantConfig validation and the reference-flag mapping (spec c.1)."""
+"""QuantConfig validation and the reference-flag mapping (docs/algorithms.md#c1)."""
 
 import pytest
 

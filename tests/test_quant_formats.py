@@ -42,7 +42,7 @@ def tensor(values):
     return torch.tensor(values, dtype=torch.float32)
 
 
-# ---- int, asymmetric (spec c.2) -----------------------------------------------------------------------
+# ---- int, asymmetric (docs/algorithms.md#c2) ----------------------------------------------------------
 
 def test_int_asymmetric_exact_on_its_own_grid():
     config = QuantConfig("int", bits=4, group_size=16, symmetric=False)
@@ -75,7 +75,7 @@ def test_int_asymmetric_codes_within_range_and_error_within_half_step():
 
 
 def test_int_asymmetric_bfloat16_follows_the_reference_arithmetic():
-    """Spec c.2 written plainly, evaluated in bfloat16 as the reference did."""
+    """docs/algorithms.md#c2 written plainly, evaluated in bfloat16 as the reference did."""
     x = gaussian(8, 256, dtype=torch.bfloat16)
     low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     scale = (high - low).clamp(min=1e-5) / 15
@@ -87,7 +87,7 @@ def test_int_asymmetric_bfloat16_follows_the_reference_arithmetic():
     assert torch.equal(out, expected)
 
 
-# ---- int, symmetric with outliers (spec c.3) ------------------------------------------------------------
+# ---- int, symmetric with outliers (docs/algorithms.md#c3) -----------------------------------------------
 
 def test_int_symmetric_keeps_top2_and_rounds_half_to_even():
     config = QuantConfig("int", bits=4, group_size=8, symmetric=True, topk=2)
@@ -131,10 +131,10 @@ def test_int_symmetric_levels():
         assert torch.equal(out[~rest], x[~rest])
 
 
-# ---- fp4_ref (spec c.4) ---------------------------------------------------------------------------------
+# ---- fp4_ref (docs/algorithms.md#c4) --------------------------------------------------------------------
 
 def llm_fp4_formula(x, group_size=256, topk=2, e=1, m=2, b=1):
-    """The reference's path written out from spec c.4: LLM-FP4 exponent formula with its constants."""
+    """The reference's path written out from docs/algorithms.md#c4: LLM-FP4 exponent formula with its constants."""
     groups = x.clone().reshape(-1, group_size)
     index = groups.abs().topk(topk, -1).indices
     kept = groups.gather(-1, index)

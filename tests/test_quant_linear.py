@@ -1,4 +1,4 @@
-"""QuantLinear (straight-through backward, spec c.5), model conversion, a tiny LLaMA trained per format."""
+"""QuantLinear (straight-through backward, docs/algorithms.md#c5), model conversion, a tiny LLaMA trained per format."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""LR schedules pinned to numbers (spec d.3 for the reference cosine)."""
+"""LR schedules pinned to numbers (docs/algorithms.md#d3 for the reference cosine)."""
 
 import math
 

@@ -11,7 +11,7 @@ BETA1, BETA2, EPS = 0.9, 0.999, 1e-6
 
 
 class PlainSPAM:
-    """SPAM written the obvious way from spec b.3: a Python loop per param, boolean indexing, 1-D moments
+    """SPAM written the obvious way from docs/algorithms.md#b3: a Python loop per param, boolean indexing, 1-D moments
     for density params, the period carried across groups and steps. The fast optimizer must match it."""
 
     def __init__(self, groups, *, lr, weight_decay=0.0, warmup_epoch, threshold, grad_accu_steps, variant):

@@ -12,8 +12,8 @@ VARIANTS = ["reference", "corrected"]
 
 
 class PlainStableSPAM:
-    """StableSPAM written the plain way, one param at a time, from the spec (reference-behaviour.md a.3/a.4 and
-    g.2 #2-#5): the yardstick for the multi-tensor implementation."""
+    """StableSPAM written the plain way, one param at a time, from docs/algorithms.md#a3, #a4 and
+    #g2-2 to #g2-5: the yardstick for the multi-tensor implementation."""
 
     def __init__(self, groups, gamma1=0.7, gamma2=0.9, gamma3=0.999, total_T=None, eta_min=0.5,
                  update_proj_gap=1000, variant="reference"):
@@ -573,7 +573,7 @@ def constant_gradient_state(fp32_state, steps, **kwargs):
 
 @pytest.mark.parametrize("fp32_state", [False, True])
 def test_bf16_moving_averages_stall_where_the_original_stalls(fp32_state):
-    """Spec a.5.9: in bf16 the EMA of a constant 1 stalls at 0.5 (theta 0.999, and Adam's v with beta2 0.999;
+    """docs/algorithms.md#a5-9: in bf16 the EMA of a constant 1 stalls at 0.5 (theta 0.999; Adam's v, beta2 0.999;
     the normalised gradient is 1 here) and at 2^-8 (gamma2 0.99999), and v never decays afterwards;
     with fp32_state they follow 1 - rate^t."""
     _, norm_opt = constant_gradient_state(fp32_state, 1200, gamma2=0.99999)

@@ -37,7 +37,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/../.." && pwd)"
 manifest="$here/cells.tsv"
 
-# Settings every cell shares (StableSPAM README and scripts, spec f): 512 sequences of 256 tokens per update,
+# Settings every cell shares (StableSPAM README and scripts, docs/algorithms.md#f): 512 x 256 tokens per update,
 # pure bf16, cosine to 0.1 x lr, no weight decay, eval every 1000 updates on 10M tokens.
 TOTAL_BATCH=512
 MAX_LENGTH=256
@@ -178,7 +178,7 @@ if [[ -n ${RESET:-} ]]; then
         die "RESET=$RESET: only spam and stablespam reset their momentum, not $optimizer"
 fi
 
-# --- precision: what the reference code effectively ran (spec c.1) ---
+# --- precision: what the reference code effectively ran (docs/algorithms.md#c1) ---
 # INT4 = W4A4 integer simulation with group 256 for weights and activations, round-to-nearest: the published
 # script's --act_group_size 64 --act_stochastic were dead flags there, so they are not passed here.
 case "$format" in
@@ -197,8 +197,8 @@ case "$optimizer" in
     spam)
         # Density 1.0, reset every 500 updates; threshold and post-reset warm-up as the code behind each table
         # ran them. Table 1's SPAM ran in the StableSPAM repo, whose SPAM has no flag for either and used its
-        # constructor defaults, threshold 2000 and warm-up 150 (spec b.1). Table 2's SPAM numbers are the SPAM
-        # paper's: threshold 5000, and its code passed the lr warm-up as the post-reset warm-up (spec b.6).
+        # constructor defaults: threshold 2000, warm-up 150 (docs/algorithms.md#b1). Table 2's SPAM numbers are the SPAM
+        # paper's: threshold 5000, and its code passed the lr warm-up as the post-reset warm-up (docs/algorithms.md#b6).
         if [[ $table == t2 ]]; then spam_threshold=5000 spam_warmup="$warmup"
         else spam_threshold=2000 spam_warmup=150; fi
         optimizer_flags=(--optimizer spam --density 1.0 --threshold "$spam_threshold"
