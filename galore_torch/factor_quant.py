@@ -6,7 +6,8 @@ Written here rather than imported from `quantization/` so that galore_torch stay
 import torch
 
 
-def quantize_factor(factor: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_factor(factor: torch.Tensor, bits: int,
+                    group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, scales, minima) of `factor`: codes in [0, 2^bits - 1] as uint8 (one code per byte, also for
     INT4), float32 scale and minimum per group of `group_size` consecutive entries (the last group padded)."""
     flat = factor.detach().float().reshape(-1)

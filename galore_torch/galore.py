@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from galore_torch.base import evaluate_closure, validate_variant
+from galore_torch.base import evaluate_closure, validate_non_negative, validate_variant
 from galore_torch.galore_projector import GaLoreProjector
 
 INNER = "inner_"
@@ -76,6 +76,10 @@ class GaLore(torch.optim.Optimizer):
         refuses bad settings, e.g. rank >= min(m, n), with the param's shape)."""
         if hasattr(self, "inner"):
             raise ValueError(f"{type(self).__name__} takes its param groups at construction only")
+        index = len(self.param_groups)
+        merged = {**self.defaults, **param_group}
+        validate_non_negative(merged["lr"], f"param group {index} lr")
+        validate_non_negative(merged["weight_decay"], f"param group {index} weight_decay")
         if "rank" in param_group:
             for key, value in {**GALORE_DEFAULTS, **self.group_defaults}.items():
                 param_group.setdefault(key, value)

@@ -112,7 +112,7 @@ class GaLoreSPAM(GaLore):
 
     def __init__(self, params: Params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True, warmup_epoch: int = 150,
-                 threshold: float = 5000, grad_accu_steps: int = 20, density: float = 1.0,
+                 threshold: float = 2000, grad_accu_steps: int = 20, density: float = 1.0,
                  momentum_reset_gap: int = 500, variant: str = "reference"):
         self._spam_settings = {"warmup_epoch": warmup_epoch, "density": density,
                                "momentum_reset_gap": momentum_reset_gap}

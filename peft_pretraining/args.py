@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--entity", type=str, default=None, help="wandb entity")
     add("--beta1", type=float, default=0.9, help="SGD momentum and Adafactor's beta1 (as in the reference; Adam-type use defaults)")
     add("--beta2", type=float, default=0.999, help="accepted for compatibility (GaLore-8bit only)")
-    add("--update_proj_gap", type=int, default=500, help="GaLore: steps between SVD recomputations of the projection; StableSPAM/SPAM: momentum-reset period "
+    add("--update_proj_gap", type=int, default=500,
+        help="GaLore: steps between SVD recomputations of the projection; StableSPAM/SPAM: momentum-reset period "
              "(0: never reset)")
     add("--weight_quant", action="store_true", help="accepted; inert like in the reference")
     add("--simulation", action="store_true", help="accepted; inert like in the reference")
