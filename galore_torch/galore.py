@@ -21,7 +21,8 @@ entrywise square; the second moment of uncorrelated coordinates under the rotati
 and R_r = Vh_new Vh_old^T; Adafactor's row/column statistics take the factor of their side. Moments that are
 not float tensors of known meaning (8-bit codes) cannot be carried: those optimizers refuse "corrected".
 
-The shadow params cost one rank-r tensor per projected param (as one moment). `step()` syncs with the
+The subspace params hold memory only during `step()` (each is emptied after its update is applied, as the
+reference's 8-bit GaLore restored `p.data`). `step()` syncs with the
 device only inside the SVD (and Q-GaLore's gap decision at a recomputation).
 """
 
@@ -68,7 +69,9 @@ class GaLore(torch.optim.Optimizer):
         self._projectors: dict[torch.Tensor, GaLoreProjector] = {}
         self._shadows: dict[torch.Tensor, torch.Tensor] = {}
         inner_groups = [self._inner_group(group) for group in self.param_groups]
-        self.inner = self._make_inner(inner_groups)
+        self.inner = self._make_inner(inner_groups)  # some inner optimizers size state at construction
+        for shadow in self._shadows.values():
+            shadow.data = shadow.new_empty(0)
         self._pull_from_inner()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -84,6 +87,11 @@ class GaLore(torch.optim.Optimizer):
             for key, value in {**GALORE_DEFAULTS, **self.group_defaults}.items():
                 param_group.setdefault(key, value)
         super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Refused: torch pickles only state and param groups, which would silently drop what this optimizer
+        needs beyond them; checkpoint it with state_dict()."""
+        raise TypeError(f"{type(self).__name__} cannot be pickled or deep-copied; save its state_dict() instead")
 
     def _make_inner(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
         raise NotImplementedError
@@ -120,25 +128,27 @@ class GaLore(torch.optim.Optimizer):
                 continue
             for p in group["params"]:
                 shadow = self._shadows[p]
+                # full size during the step even without a gradient: SPAM redraws every mask from its param's shape
+                shadow.data = torch.zeros(self._projectors[p].low_shape, dtype=shadow.dtype, device=shadow.device)
                 if p.grad is None:
-                    shadow.grad = None
                     continue
                 low, rotations = self._projectors[p].project(p.grad, self.state[p])
                 if rotations is not None:
                     self._carry_moments(shadow, rotations)
-                shadow.zero_()
                 shadow.grad = low.to(shadow.dtype)
                 projected.append((p, group))
         self.inner.step()
         for p, group in projected:
             shadow = self._shadows[p]
-            shadow.grad = None
             decay = -group["lr"] * group["weight_decay"]
             if decay != 0 and self.decay_before_update:
                 p.add_(p, alpha=decay)
             p.add_(self._projectors[p].project_back(shadow, self.state[p]).to(p.dtype))
             if decay != 0 and not self.decay_before_update:
                 p.add_(p, alpha=decay)
+        for shadow in self._shadows.values():
+            shadow.grad = None
+            shadow.data = shadow.new_empty(0)
         self._pull_from_inner()
         return loss
 

@@ -46,6 +46,11 @@ class PerLayerOptimizer(torch.optim.Optimizer):
         self._use_inner_groups()
         self._hooks = [p.register_post_accumulate_grad_hook(self._step_param) for p in self._optimizers]
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Refused: torch pickles only state and param groups, which would silently drop what this optimizer
+        needs beyond them; checkpoint it with state_dict()."""
+        raise TypeError(f"{type(self).__name__} cannot be pickled or deep-copied; save its state_dict() instead")
+
     def _step_param(self, p: torch.Tensor) -> None:
         optimizer = self._optimizers[p]
         optimizer.step()

@@ -374,3 +374,34 @@ def test_eight_bit_galore_runs_and_corrected_is_refused():
         save_and_load(optimizer.state_dict())
         with pytest.raises(ValueError, match="corrected"):
             optimizer_class([{"params": [torch.nn.Parameter(w)], "rank": 3}], variant="corrected")
+
+
+def test_pickling_is_refused_in_favour_of_state_dict():
+    """torch would pickle only state and param groups, silently dropping the projectors and inner optimizer."""
+    import copy
+    import pickle
+
+    p = torch.nn.Parameter(torch.zeros(8, 12))
+    for optimizer in (GaLoreAdamW([{"params": [p], "rank": 2}]),
+                      PerLayerOptimizer([p], optimizer_class=GaLoreAdamW)):
+        with pytest.raises(TypeError, match="state_dict"):
+            pickle.dumps(optimizer)
+        with pytest.raises(TypeError, match="state_dict"):
+            copy.deepcopy(optimizer)
+        if isinstance(optimizer, PerLayerOptimizer):
+            optimizer.remove_hooks()
+
+
+@pytest.mark.parametrize("optimizer_class", [GaLoreAdamW, GaLoreSPAM, GaLoreStableSPAM])
+def test_a_matrix_without_gradient_is_left_alone(optimizer_class):
+    """No decay, no projection, no counter; SPAM's mask refresh (every 3 steps here) still finds its shape."""
+    kwargs = {"momentum_reset_gap": 3} if optimizer_class is not GaLoreAdamW else {}
+    trained, frozen = torch.nn.Parameter(torch.randn(8, 12)), torch.nn.Parameter(torch.randn(8, 12))
+    before = frozen.detach().clone()
+    optimizer = optimizer_class([{"params": [trained, frozen], "rank": 2, "update_proj_gap": 2}], weight_decay=0.1,
+                                **kwargs)
+    for _ in range(7):
+        trained.grad = torch.randn(8, 12)
+        optimizer.step()
+    assert torch.equal(frozen, before) and "proj_step" not in optimizer.state[frozen]
+    assert optimizer.state[trained]["proj_step"] == 7
