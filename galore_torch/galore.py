@@ -34,6 +34,7 @@ import torch
 
 from galore_torch.base import evaluate_closure, validate_non_negative, validate_variant
 from galore_torch.galore_projector import GaLoreProjector
+from galore_torch.sharded import shard_group
 
 INNER = "inner_"
 # What a param group with `rank` may set, and the values it gets otherwise.
@@ -103,6 +104,9 @@ class GaLore(torch.optim.Optimizer):
             return {"params": group["params"], "lr": group["lr"], "weight_decay": group["weight_decay"], **settings}
         shadows = []
         for p in group["params"]:
+            if shard_group(p) is not None:
+                raise ValueError(f"{type(self).__name__} needs whole matrices for the SVD; a param of shape "
+                                 f"{tuple(p.shape)} is sharded (FSDP2): train GaLore with DDP or one process")
             projector = GaLoreProjector(
                 p.shape, group["rank"], proj_type=group["proj_type"], scale=group["scale"],
                 update_proj_gap=group["update_proj_gap"], quant=group["quant"], quant_n_bit=group["quant_n_bit"],

@@ -60,18 +60,19 @@ class GaLoreAdamWPerLayer(PerLayerOptimizer):
 
 def test_per_layer_run_matches_the_whole_model_run_and_resumes_exactly(tiny_config, tmp_path, monkeypatch):
     """The trainer's step/scheduler calls are inert for the per-layer wrapper; the hooks and one LambdaLR give
-    the whole-model optimizer's weights. A whole-model GaLore run resumed with its optimizer state continues
-    exactly (the projector state travels through torch.distributed.checkpoint)."""
+    the whole-model optimizer's weights. The per-layer run resumed with its optimizer state continues exactly
+    (the per-param GaLore states, projectors included, travel through torch.distributed.checkpoint)."""
     monkeypatch.setitem(OPTIMIZERS, "galore_adamw_per_layer", GaLoreAdamWPerLayer)
     whole = peft_pretraining.run(run_argv(tiny_config, tmp_path / "whole", "--optimizer", "galore_adamw",
-                                          *GALORE_FLAGS, "--save_every", "3"))
+                                          *GALORE_FLAGS))
     per_layer = peft_pretraining.run(run_argv(tiny_config, tmp_path / "per_layer", "--optimizer",
-                                              "galore_adamw_per_layer", *GALORE_FLAGS))
+                                              "galore_adamw_per_layer", *GALORE_FLAGS, "--save_every", "3"))
     assert update_losses(tmp_path / "whole") == update_losses(tmp_path / "per_layer")
     for name, tensor in weights(whole).items():
         torch.testing.assert_close(weights(per_layer)[name], tensor, rtol=0, atol=0)
-    resumed = peft_pretraining.run(run_argv(tiny_config, tmp_path / "resumed", "--optimizer", "galore_adamw",
-                                            *GALORE_FLAGS, "--continue_from", str(tmp_path / "whole"),
+    resumed = peft_pretraining.run(run_argv(tiny_config, tmp_path / "resumed", "--optimizer",
+                                            "galore_adamw_per_layer", *GALORE_FLAGS, "--continue_from",
+                                            str(tmp_path / "per_layer"),
                                             "--resume_step", "3", "--restore_optimizer"))
     assert update_losses(tmp_path / "resumed") == update_losses(tmp_path / "whole")[3:]
     for name, tensor in weights(whole).items():
