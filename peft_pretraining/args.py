@@ -322,6 +322,9 @@ def _validate_galore(args: argparse.Namespace) -> None:
         _require(getattr(args, flag) >= 1, f"--{flag} {getattr(args, flag)}: must be >= 1")
     _require(not args.fsdp, f"--optimizer {args.optimizer} needs each matrix's whole gradient for its SVD; --fsdp "
                             "shards it: drop --fsdp (several processes train with DDP)")
+    _require("8bit" not in args.optimizer or args.optimizer_variant == "reference",
+             f"--optimizer_variant {args.optimizer_variant}: {args.optimizer}'s 8-bit moments cannot be carried into a "
+             "new subspace; drop it or use galore_adamw")
     if args.optimizer.endswith("_per_layer"):
         _require(args.grad_clipping == 0, f"--optimizer {args.optimizer} updates each layer during backward, "
                                           "before a global norm exists: drop --grad_clipping")

@@ -111,6 +111,7 @@ def parsed(*flags: str, world_size: int = 1):
     (["--optimizer", "galore_adamw", "--fsdp"], 2, "--fsdp"),
     (["--optimizer", "galore_adamw", "--update_proj_gap", "0"], 1, "--update_proj_gap"),
     (["--optimizer", "galore_adamw", "--rank", "0"], 1, "--rank"),
+    (["--optimizer", "galore_adamw8bit", "--optimizer_variant", "corrected"], 1, "--optimizer_variant"),
 ])
 def test_what_galore_cannot_do_is_refused_in_one_line(flags, world_size, message):
     with pytest.raises(ValueError, match=message) as err:
