@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from galore_torch import OPTIMIZERS
+from galore_torch.galore_projector import PROJ_TYPES
 from quantization import FORMATS
 
 DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
@@ -25,7 +26,6 @@ QUANT_FORMATS = FORMATS
 SCHEDULERS = ("linear", "cosine", "cosine_restarts")
 # GaLore / Q-GaLore optimizers: their attn/mlp matrices are trained in a rank-r subspace (docs/galore.md).
 GALORE_PREFIXES = ("galore", "q_galore")
-PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
 # The reference's group size and kept outliers for its INT and "fp4" paths. The block formats (e2m1, mxfp4,
 # nvfp4) default to their own block size (None lets the quantization package pick it) and keep no outliers.
 REFERENCE_GROUP_SIZE = 256
