@@ -3,7 +3,16 @@
 import torch
 
 from galore_torch.adafactor import Adafactor
+from galore_torch.galore_optimizers import (
+    GaLoreAdafactor,
+    GaLoreAdamW,
+    GaLoreAdamW8bit,
+    GaLoreSPAM,
+    GaLoreStableSPAM,
+    QGaLoreAdamW8bit,
+)
 from galore_torch.lion import Lion
+from galore_torch.per_layer import GaLoreAdamW8bitPerLayer, QGaLoreAdamW8bitPerLayer
 from galore_torch.spam import SPAM
 from galore_torch.stable_spam import StableSPAM
 
@@ -16,6 +25,15 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "lion": Lion,
     "spam": SPAM,
     "stablespam": StableSPAM,
+    # GaLore: optimizer state in a rank-r subspace of each attn/mlp matrix (the reference's names)
+    "galore_adamw": GaLoreAdamW,
+    "galore_adafactor": GaLoreAdafactor,
+    "galore_adamw8bit": GaLoreAdamW8bit,
+    "galore_adamw8bit_per_layer": GaLoreAdamW8bitPerLayer,
+    "q_galore_adamw8bit": QGaLoreAdamW8bit,
+    "q_galore_adamw8bit_per_layer": QGaLoreAdamW8bitPerLayer,
+    "galore_stablespam": GaLoreStableSPAM,  # StableSPAM in the subspace (new)
+    "galore_spam": GaLoreSPAM,  # SPAM in the subspace (new)
 }
 
 

@@ -17,14 +17,15 @@ from pathlib import Path
 import torch
 
 from galore_torch import OPTIMIZERS
+from galore_torch.galore_projector import PROJ_TYPES
 from quantization import FORMATS
 
 DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
                  "bf16_mixed": "bf16_mixed"}
 QUANT_FORMATS = FORMATS
 SCHEDULERS = ("linear", "cosine", "cosine_restarts")
-# GaLore / Q-GaLore optimizers of the research code; their flags still parse so old scripts do.
-UNSUPPORTED_OPTIMIZER_PREFIXES = ("galore", "q_galore")
+# GaLore / Q-GaLore optimizers: their attn/mlp matrices are trained in a rank-r subspace (docs/galore.md).
+GALORE_PREFIXES = ("galore", "q_galore")
 # The reference's group size and kept outliers for its INT and "fp4" paths. The block formats (e2m1, mxfp4,
 # nvfp4) default to their own block size (None lets the quantization package pick it) and keep no outliers.
 REFERENCE_GROUP_SIZE = 256
@@ -32,7 +33,7 @@ REFERENCE_ACT_TOPK = 2
 _REFERENCE_STYLE_FORMATS = (None, "int", "fp4_ref")  # None: the --act_quant/--fp4 path
 _TOKEN_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 _FLOAT_FLAGS = ("lr", "min_lr_ratio", "weight_decay", "grad_clipping", "threshold", "density", "eta", "beta1",
-                "beta2", "gamma1", "gamma2", "gamma3")
+                "beta2", "gamma1", "gamma2", "gamma3", "galore_scale", "cos_threshold", "gamma_proj")
 # Decay rates of moving averages: 1 would freeze them for good. StableSPAM reads --gamma1 -1 as "use beta1".
 _DECAY_FLAGS = ("beta1", "beta2", "gamma1", "gamma2", "gamma3")
 _GAMMA1_FROM_BETA1 = -1.0
@@ -120,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--entity", type=str, default=None, help="wandb entity")
     add("--beta1", type=float, default=0.9, help="SGD momentum and Adafactor's beta1 (as in the reference; Adam-type use defaults)")
     add("--beta2", type=float, default=0.999, help="accepted for compatibility (GaLore-8bit only)")
-    add("--update_proj_gap", type=int, default=500, help="StableSPAM/SPAM momentum-reset period (0: never reset)")
+    add("--update_proj_gap", type=int, default=500,
+        help="GaLore: steps between SVD recomputations of the projection; StableSPAM/SPAM: momentum-reset period "
+             "(0: never reset)")
     add("--weight_quant", action="store_true", help="accepted; inert like in the reference")
     add("--simulation", action="store_true", help="accepted; inert like in the reference")
     add("--weight_bits", type=int, default=8, help="INT bits for weights (and activations unless --act_bits)")
@@ -142,23 +145,31 @@ def build_parser() -> argparse.ArgumentParser:
     add("--eta", type=float, default=0.5, help="StableSPAM eta_min")
     add("--density", type=float, default=1.0, help="SPAM density of the attn/mlp matrix group")
 
-    galore = p.add_argument_group("GaLore / Q-GaLore (parsed for old scripts; those optimizers are not supported)")
-    galore.add_argument("--rank", type=int, default=128, help="unused")
-    galore.add_argument("--galore_scale", type=float, default=1.0, help="unused")
-    galore.add_argument("--proj_type", type=str, default="std", help="unused")
-    galore.add_argument("--proj_quant", action="store_true", help="unused")
-    galore.add_argument("--proj_bits", type=int, default=8, help="unused")
-    galore.add_argument("--proj_group_size", type=int, default=256, help="unused")
-    galore.add_argument("--cos_threshold", type=float, default=1.0, help="unused")
-    galore.add_argument("--gamma_proj", type=float, default=2.0, help="unused")
-    galore.add_argument("--queue_size", type=int, default=5, help="unused")
+    galore = p.add_argument_group("GaLore / Q-GaLore (galore_* and q_galore_* optimizers; see docs/galore.md)")
+    galore.add_argument("--rank", type=int, default=128, help="rank r of the subspace (below min(m, n) of every "
+                                                             "attn/mlp matrix)")
+    galore.add_argument("--galore_scale", type=float, default=1.0, help="multiplier of the projected-back update")
+    galore.add_argument("--proj_type", type=str, default="std", choices=PROJ_TYPES,
+                        help="which side of each matrix is projected (std: the smaller one)")
+    galore.add_argument("--proj_quant", action="store_true",
+                        help="store projection factors quantized and refresh them lazily (Q-GaLore)")
+    galore.add_argument("--proj_bits", type=int, default=8, choices=(4, 8), help="--proj_quant: INT bits")
+    galore.add_argument("--proj_group_size", type=int, default=256, help="--proj_quant: entries per scale")
+    galore.add_argument("--cos_threshold", type=float, default=1.0,
+                        help="--proj_quant: grow the gap when the queued cosine similarities average this much")
+    galore.add_argument("--gamma_proj", type=float, default=2.0, help="--proj_quant: gap multiplier")
+    galore.add_argument("--queue_size", type=int, default=5, help="--proj_quant: cosine similarities averaged")
 
     new = p.add_argument_group("new flags (not in the reference)")
     new.add_argument("--dataset", type=str, default="c4", help="c4 (streamed), sample (built-in), or a path")
     new.add_argument("--tokenizer", type=str, default=None,
                      help="t5-base (default), builtin (default with --dataset sample), or a directory")
     new.add_argument("--optimizer_variant", type=str, default="reference", choices=("reference", "corrected"),
-                     help="spam/stablespam: reproduce the research code, or fix its numerics bugs")
+                     help="spam/stablespam/galore: reproduce the research code, or fix its numerics bugs (GaLore: "
+                          "carry the moments into each new subspace)")
+    new.add_argument("--momentum_reset_gap", type=int, default=None,
+                     help="galore_stablespam/galore_spam: momentum-reset period in the subspace (default: "
+                          "--update_proj_gap, which there is the projection period)")
     new.add_argument("--weight_format", type=str, default=None, choices=QUANT_FORMATS,
                      help="quantize projection weights in this format (instead of --act_quant/--fp4)")
     new.add_argument("--act_format", type=str, default=None, choices=QUANT_FORMATS,
@@ -289,9 +300,6 @@ def _validate(args: argparse.Namespace) -> None:
     _require(args.resume_step is None or args.continue_from is not None,
              "--resume_step needs --continue_from DIR (the directory holding model_<step>/)")
     _require(args.optimizer != "", "--optimizer: empty name; use e.g. adamw or stablespam")
-    _require(not args.optimizer.startswith(UNSUPPORTED_OPTIMIZER_PREFIXES),
-             f"--optimizer {args.optimizer}: GaLore/Q-GaLore optimizers are not supported by this toolkit; "
-             "use stablespam, spam, adam, adamw, adafactor, lion or sgd")
     _require(args.optimizer in OPTIMIZERS,
              f"--optimizer {args.optimizer}: unknown; use one of {', '.join(sorted(OPTIMIZERS))}")
     legacy_quant = args.act_quant or args.fp4
@@ -303,11 +311,34 @@ def _validate(args: argparse.Namespace) -> None:
              f"--fsdp_param_dtype {args.fsdp_param_dtype} needs --fsdp (without it use --dtype bf16_mixed)")
     _require(not (args.fsdp and args.spike_monitor),
              "--spike_monitor does not support --fsdp's sharded parameters yet: drop one of them")
+    if args.optimizer.startswith(GALORE_PREFIXES):
+        _validate_galore(args)
     if args.scheduler == "cosine_restarts":
         _require(args.cycle_length is not None,
                  "--scheduler cosine_restarts needs --cycle_length N (updates per cosine cycle)")
         _require(args.cycle_length > max(args.warmup_steps, args.restart_warmup_steps),
                  f"--cycle_length {args.cycle_length}: must exceed --warmup_steps and --restart_warmup_steps")
+
+
+def _validate_galore(args: argparse.Namespace) -> None:
+    """GaLore's flags, and what its projection or per-layer updates rule out."""
+    _require(args.rank >= 1, f"--rank {args.rank}: must be >= 1 (and below min(m, n) of every attn/mlp matrix)")
+    _require(args.update_proj_gap >= 1,
+             f"--update_proj_gap {args.update_proj_gap}: GaLore recomputes its projection every N >= 1 steps")
+    _require(args.momentum_reset_gap is None or args.momentum_reset_gap >= 0,
+             f"--momentum_reset_gap {args.momentum_reset_gap}: must be >= 0 (0: never reset)")
+    for flag in ("proj_group_size", "queue_size"):
+        _require(getattr(args, flag) >= 1, f"--{flag} {getattr(args, flag)}: must be >= 1")
+    _require(not args.fsdp, f"--optimizer {args.optimizer} needs each matrix's whole gradient for its SVD; --fsdp "
+                            "shards it: drop --fsdp (several processes train with DDP)")
+    _require("8bit" not in args.optimizer or args.optimizer_variant == "reference",
+             f"--optimizer_variant {args.optimizer_variant}: {args.optimizer}'s 8-bit moments cannot be carried into a "
+             "new subspace; drop it or use galore_adamw")
+    if args.optimizer.endswith("_per_layer"):
+        _require(args.grad_clipping == 0, f"--optimizer {args.optimizer} updates each layer during backward, "
+                                          "before a global norm exists: drop --grad_clipping")
+        _require(not args.spike_monitor, f"--optimizer {args.optimizer} frees each gradient during backward: "
+                                         "drop --spike_monitor")
 
 
 def resolve_batch_arithmetic(args: argparse.Namespace, world_size: int) -> None:
@@ -329,6 +360,11 @@ def resolve_batch_arithmetic(args: argparse.Namespace, world_size: int) -> None:
              f"{args.total_batch_size} / (--batch_size {args.batch_size} x {world_size}) = {accumulation}; "
              "drop one of them")
     args.gradient_accumulation = accumulation
+    if args.optimizer.endswith("_per_layer"):
+        _require(accumulation == 1 and world_size == 1,
+                 f"--optimizer {args.optimizer} steps each layer in backward: it needs one process and no gradient "
+                 f"accumulation (got {world_size} process(es) x {accumulation} micro-batches); use "
+                 f"{args.optimizer.removesuffix('_per_layer')}")
     if args.max_train_tokens is not None:
         tokens_per_update = args.total_batch_size * args.max_length
         args.num_training_steps = args.max_train_tokens // tokens_per_update

@@ -1,7 +1,8 @@
 """The optimizer of a run: parameter groups and constructor arguments, looked up by name in the registry.
 
 Groups follow the reference: one flat group for every optimizer except SPAM, whose attn/mlp matrices form a
-second group carrying `density` and `update_proj_gap` (the momentum-reset period lives on that group).
+second group carrying `density` and `update_proj_gap` (the momentum-reset period lives on that group), and
+the GaLore family, whose attn/mlp matrices form a group carrying the projection settings.
 """
 
 import argparse
@@ -14,15 +15,33 @@ from torch import nn
 from galore_torch import get_optimizer_class
 
 
-def spam_param_groups(model: nn.Module, *, density: float, update_proj_gap: int) -> list[dict]:
-    """[{everything else}, {weights of nn.Linear modules named *attn*/*mlp*, density, update_proj_gap}]."""
+def matrix_param_groups(model: nn.Module, **settings) -> list[dict]:
+    """[{everything else}, {weights of nn.Linear modules named *attn*/*mlp*, **settings}] (the reference's)."""
     matrices = [module.weight for name, module in model.named_modules()
                 if isinstance(module, nn.Linear) and ("attn" in name or "mlp" in name)
                 and module.weight.requires_grad]
     matrix_ids = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in matrix_ids]
-    return [{"params": rest},
-            {"params": matrices, "density": density, "update_proj_gap": update_proj_gap}]
+    return [{"params": rest}, {"params": matrices, **settings}]
+
+
+def spam_param_groups(model: nn.Module, *, density: float, update_proj_gap: int) -> list[dict]:
+    """SPAM's: the attn/mlp matrices carry density and update_proj_gap."""
+    return matrix_param_groups(model, density=density, update_proj_gap=update_proj_gap)
+
+
+def galore_param_groups(model: nn.Module, args: argparse.Namespace) -> list[dict]:
+    """GaLore's: the attn/mlp matrices carry the projection settings (Q-GaLore's too; inert without
+    --proj_quant)."""
+    return matrix_param_groups(
+        model, rank=args.rank, update_proj_gap=args.update_proj_gap, scale=args.galore_scale,
+        proj_type=args.proj_type, quant=args.proj_quant, quant_n_bit=args.proj_bits,
+        quant_group_size=args.proj_group_size, cos_threshold=args.cos_threshold, gamma_proj=args.gamma_proj,
+        queue_size=args.queue_size)
+
+
+def _momentum_reset_gap(args: argparse.Namespace) -> int:
+    return args.update_proj_gap if args.momentum_reset_gap is None else args.momentum_reset_gap
 
 
 # Per-optimizer constructor arguments beyond lr and weight_decay, keyed by registry name. Adam-type optimizers
@@ -33,6 +52,14 @@ _EXTRA_ARGUMENTS: dict[str, Callable[[argparse.Namespace], dict]] = {
     "adafactor": lambda args: {"beta1": args.beta1, "eps": (1e-30, 1e-3), "clip_threshold": 1.0,
                                "decay_rate": -0.8, "relative_step": False, "scale_parameter": False,
                                "warmup_init": False},
+    "galore_adafactor": lambda args: {"beta1": args.beta1, "eps": (1e-30, 1e-3), "clip_threshold": 1.0,
+                                      "decay_rate": -0.8},
+    "galore_stablespam": lambda args: {"gamma1": args.gamma1, "gamma2": args.gamma2, "gamma3": args.gamma3,
+                                       "eta_min": args.eta, "total_T": args.total_T,
+                                       "momentum_reset_gap": _momentum_reset_gap(args)},
+    "galore_spam": lambda args: {"warmup_epoch": args.warmup_epoch, "threshold": args.threshold,
+                                 "grad_accu_steps": args.grad_accu_steps, "density": args.density,
+                                 "momentum_reset_gap": _momentum_reset_gap(args)},
     "stablespam": lambda args: {"gamma1": args.gamma1, "gamma2": args.gamma2, "gamma3": args.gamma3,
                                 "eta_min": args.eta, "update_proj_gap": args.update_proj_gap,
                                 "total_T": args.total_T},
@@ -63,6 +90,8 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     optimizer_class = get_optimizer_class(name)
     if name == "spam":
         params = spam_param_groups(model, density=args.density, update_proj_gap=args.update_proj_gap)
+    elif name.startswith(("galore", "q_galore")):
+        params = galore_param_groups(model, args)
     else:
         params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": args.lr, "weight_decay": args.weight_decay, **_EXTRA_ARGUMENTS.get(name, lambda _: {})(args)}
@@ -70,6 +99,6 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     if "variant" in inspect.signature(optimizer_class).parameters:
         kwargs["variant"] = args.optimizer_variant
     elif args.optimizer_variant != "reference":
-        raise ValueError(f"--optimizer_variant {args.optimizer_variant} applies to spam and stablespam only; "
-                         f"drop it for --optimizer {args.optimizer}")
+        raise ValueError(f"--optimizer_variant {args.optimizer_variant} does not apply to --optimizer "
+                         f"{args.optimizer}; drop it")
     return optimizer_class(params, **kwargs)

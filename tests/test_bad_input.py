@@ -145,7 +145,7 @@ CASES = [
                  ["--model_config", "hidden_act"], id="config-unknown-activation"),
     # names: optimizer, formats, dataset, scheduler, dtype
     pytest.param(flag("--optimizer", "adamx"), ["--optimizer adamx"], id="unknown-optimizer"),
-    pytest.param(flag("--optimizer", "galore_adamw"), ["--optimizer galore_adamw"], id="galore-optimizer"),
+    pytest.param(lambda ws: ["--optimizer", "galore_adamw", "--rank", "0"], ["--rank 0"], id="galore-rank"),
     pytest.param(flag("--optimizer_variant", "fixed"), ["--optimizer_variant"], id="unknown-optimizer-variant"),
     pytest.param(flag("--weight_format", "int3"), ["--weight_format"], id="unknown-weight-format"),
     pytest.param(flag("--act_format", "fp8"), ["--act_format"], id="unknown-act-format"),
