@@ -1,0 +1,215 @@
+"""8-bit optimizer states: blockwise dynamic quantization (as bitsandbytes stores Adam's moments) and AdamW8bit.
+
+A tensor is cut into blocks of `block_size` consecutive entries (the last one may be short). Each block is
+divided by its largest |x| (its absmax, kept in float32) and every entry of the result, in [-1, 1], is stored
+as the index (uint8) of the nearest of 256 values, the "dynamic" code table. The table spends its codes
+unevenly: it covers seven decades, [0.1, 1] * 10^-d for d = 6 ... 0, and splits the decade d into 2^(6 - d)
+equal bins when signed (mirrored for negatives), twice as many when unsigned (no sign to store); a code is the
+midpoint of its bin. 0 and +1 complete the 256 (signed: 2 * 127 + 2, unsigned: 254 + 2; the signed table has
+no -1, so a block's most negative entry is stored 0.7% short when it is the absmax, as in bitsandbytes). Small
+entries keep a few significant bits whatever their magnitude, large ones get the finest steps: the error is at
+most 0.9 / 128 (signed) or 0.9 / 256 (unsigned) of the block's absmax.
+
+Pure torch on any device; no host syncs; `torch.compile` traces it. Bytes per entry: 1 + 4 / block_size.
+"""
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from galore_torch.base import evaluate_closure, validate_betas, validate_non_negative, validate_positive_int
+
+DEFAULT_BLOCK_SIZE = 2048
+MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 256, 2048
+DECADES = 7
+
+
+def dynamic_code_table(signed: bool) -> torch.Tensor:
+    """The 256 sorted float32 values a code stands for (see the module docstring), built in float64."""
+    values = [0.0, 1.0]
+    for decade in range(DECADES):
+        bins = 2 ** decade if signed else 2 ** (decade + 1)
+        scale = 10.0 ** (decade - (DECADES - 1))
+        edges = [0.1 + 0.9 * i / bins for i in range(bins + 1)]
+        midpoints = [scale * (low + high) / 2 for low, high in zip(edges, edges[1:])]
+        values += midpoints + ([-m for m in midpoints] if signed else [])
+    assert len(values) == 256
+    return torch.tensor(sorted(values), dtype=torch.float64).float()
+
+
+_TABLES = {signed: dynamic_code_table(signed) for signed in (True, False)}
+# decision boundaries between neighbouring codes: bucketize against them is round-to-nearest
+_BOUNDARIES = {signed: (table[1:].double() + table[:-1].double()).div(2).float() for signed, table in _TABLES.items()}
+_ON_DEVICE: dict[tuple[str, bool, torch.device], torch.Tensor] = {}
+
+
+def _on(kind: str, signed: bool, device: torch.device) -> torch.Tensor:
+    """The table or its boundaries on `device`, copied there once (a copy per call would be a transfer)."""
+    key = (kind, signed, device)
+    if key not in _ON_DEVICE:
+        _ON_DEVICE[key] = (_TABLES if kind == "table" else _BOUNDARIES)[signed].to(device)
+    return _ON_DEVICE[key]
+
+
+def validate_block_size(block_size: int) -> None:
+    if not (isinstance(block_size, int) and MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE
+            and block_size & (block_size - 1) == 0):
+        raise ValueError(f"invalid block_size: {block_size!r} (a power of two from {MIN_BLOCK_SIZE} to "
+                         f"{MAX_BLOCK_SIZE})")
+
+
+def num_blocks(numel: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
+    return math.ceil(numel / block_size)
+
+
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """x flattened, zero-padded to whole blocks, one block a row."""
+    flat = x.reshape(-1)
+    return F.pad(flat, (0, num_blocks(flat.numel(), block_size) * block_size - flat.numel())).view(-1, block_size)
+
+
+def quantize_blockwise(x: torch.Tensor, *, signed: bool,
+                       block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(uint8 codes shaped like x, float32 absmax per block). Unsigned tables need x >= 0 (negatives round to
+    0). An all-zero block has absmax 0 and decodes to zeros; NaN in a block makes the whole block NaN."""
+    blocks = _blocks(x.float(), block_size)
+    absmax = blocks.abs().amax(dim=1)
+    normalized = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
+    codes = torch.bucketize(normalized, _on("boundaries", signed, x.device), out_int32=True)
+    return codes.to(torch.uint8).view(-1)[:x.numel()].view(x.shape), absmax
+
+
+def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool,
+                         block_size: int = DEFAULT_BLOCK_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The values `quantize_blockwise` stored: table[code] * absmax of the code's block, in `dtype`."""
+    values = _on("table", signed, codes.device).index_select(0, codes.reshape(-1).int())
+    blocks = _blocks(values, block_size) * absmax.unsqueeze(1)
+    return blocks.view(-1)[:codes.numel()].view(codes.shape).to(dtype)
+
+
+# Adam's moments: the first signed, the second (>= 0) unsigned, as bitsandbytes.
+MOMENT_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+
+
+def init_moments_8bit(state: dict[str, Any], p: torch.Tensor, block_size: int) -> None:
+    """Zero 8-bit moments of `p`: codes 0 with absmax 0 decode to 0 in either table."""
+    for key in MOMENT_SIGNED:
+        state[key] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+        state[f"{key}_absmax"] = torch.zeros(num_blocks(p.numel(), block_size), dtype=torch.float32,
+                                             device=p.device)
+
+
+def load_moment(state: dict[str, Any], key: str, block_size: int) -> torch.Tensor:
+    """The moment `key` in float32: dequantized when stored 8-bit, else the stored tensor itself."""
+    if state[key].dtype != torch.uint8:
+        return state[key]
+    return dequantize_blockwise(state[key], state[f"{key}_absmax"], signed=MOMENT_SIGNED[key],
+                                block_size=block_size)
+
+
+def store_moment(state: dict[str, Any], key: str, value: torch.Tensor, block_size: int) -> None:
+    """Requantize `value` into the 8-bit moment `key` in place (a no-op for a moment kept in full precision,
+    which `value` then is)."""
+    if state[key].dtype != torch.uint8:
+        return
+    codes, absmax = quantize_blockwise(value, signed=MOMENT_SIGNED[key], block_size=block_size)
+    state[key].copy_(codes)
+    state[f"{key}_absmax"].copy_(absmax)
+
+
+def restore_8bit_state(state: dict[str, Any], saved: dict[str, Any], device: torch.device) -> None:
+    """Undo torch.optim's cast of loaded state to the param dtype for 8-bit moments: uint8 codes and float32
+    absmax, copied so the loaded dict is never aliased."""
+    for key in MOMENT_SIGNED:
+        if key in saved and saved[key].dtype == torch.uint8:
+            state[key] = saved[key].to(device=device, copy=True)
+            state[f"{key}_absmax"] = saved[f"{key}_absmax"].to(device=device, dtype=torch.float32, copy=True)
+
+
+def validate_state_bits(state_bits: int) -> None:
+    if state_bits not in (8, 32):
+        raise ValueError(f"invalid state_bits: {state_bits!r} (8 or 32)")
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """torch.optim.AdamW with its moments stored blockwise 8-bit (bitsandbytes' AdamW8bit, in plain torch).
+
+    Each step dequantizes a param's moments to float32, updates them and the param exactly as AdamW does
+    (decoupled decay, bias-corrected step), then requantizes them: the update itself always uses the fresh
+    float32 moments. Tensors with fewer than `min_8bit_size` entries (biases, norms) keep float32 moments, as
+    bitsandbytes does: they are a negligible share of the memory and the most sensitive to error. Params are
+    updated one at a time, so the float32 working copies of one tensor exist at once. State per param: `step`
+    (an int), `exp_avg`, `exp_avg_sq` (uint8 codes or float32) and `exp_avg_absmax`, `exp_avg_sq_absmax`
+    (float32, one per block). No host syncs in `step()`.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+                 amsgrad: bool = False, *, block_size: int = DEFAULT_BLOCK_SIZE, min_8bit_size: int = 4096):
+        validate_non_negative(lr, "lr")
+        validate_betas(betas)
+        validate_non_negative(eps, "eps")
+        validate_non_negative(weight_decay, "weight_decay")
+        if amsgrad:
+            raise ValueError("AdamW8bit has no amsgrad (bitsandbytes' has none either); use torch.optim.AdamW")
+        validate_block_size(block_size)
+        validate_positive_int(min_8bit_size, "min_8bit_size")
+        self.block_size, self.min_8bit_size = block_size, min_8bit_size
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW update of every param with a gradient; returns the closure's loss."""
+        loss = evaluate_closure(closure)
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse or p.is_complex():
+                    raise ValueError("AdamW8bit supports neither sparse gradients nor complex params")
+                state = self.state[p]
+                if "step" not in state:
+                    self._init_state(state, p)
+                state["step"] += 1
+                step = state["step"]
+                exp_avg = load_moment(state, "exp_avg", self.block_size)
+                exp_avg_sq = load_moment(state, "exp_avg_sq", self.block_size)
+                grad = p.grad.float()
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                denominator = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+                working = p.float()
+                working.mul_(1 - lr * group["weight_decay"])
+                working.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
+                if working is not p:
+                    p.copy_(working)
+                store_moment(state, "exp_avg", exp_avg, self.block_size)
+                store_moment(state, "exp_avg_sq", exp_avg_sq, self.block_size)
+        return loss
+
+    def _init_state(self, state: dict[str, Any], p: torch.Tensor) -> None:
+        state["step"] = 0
+        if p.numel() >= self.min_8bit_size:
+            init_moments_8bit(state, p, self.block_size)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, keeping codes uint8 and absmax and float32 moments float32 whatever the param dtype."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            for key in MOMENT_SIGNED:
+                if saved[key].dtype != torch.uint8:
+                    state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+            restore_8bit_state(state, saved, p.device)
