@@ -92,9 +92,11 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
 
 # Adam's moments: the first signed, the second (>= 0) unsigned, as bitsandbytes.
 MOMENT_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
+# Tensors with fewer entries keep full-precision moments, as in bitsandbytes: a negligible share of the memory.
+MIN_8BIT_SIZE = 4096
 
 
-def init_moments_8bit(state: dict[str, Any], p: torch.Tensor, block_size: int) -> None:
+def init_moments_8bit(state: dict[str, Any], p: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """Zero 8-bit moments of `p`: codes 0 with absmax 0 decode to 0 in either table."""
     for key in MOMENT_SIGNED:
         state[key] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
@@ -102,15 +104,17 @@ def init_moments_8bit(state: dict[str, Any], p: torch.Tensor, block_size: int) -
                                              device=p.device)
 
 
-def load_moment(state: dict[str, Any], key: str, block_size: int) -> torch.Tensor:
-    """The moment `key` in float32: dequantized when stored 8-bit, else the stored tensor itself."""
+def load_moment(state: dict[str, Any], key: str, block_size: int = DEFAULT_BLOCK_SIZE,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The moment `key`: dequantized to `dtype` when stored 8-bit, else the stored tensor itself."""
     if state[key].dtype != torch.uint8:
         return state[key]
     return dequantize_blockwise(state[key], state[f"{key}_absmax"], signed=MOMENT_SIGNED[key],
-                                block_size=block_size)
+                                block_size=block_size, dtype=dtype)
 
 
-def store_moment(state: dict[str, Any], key: str, value: torch.Tensor, block_size: int) -> None:
+def store_moment(state: dict[str, Any], key: str, value: torch.Tensor,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """Requantize `value` into the 8-bit moment `key` in place (a no-op for a moment kept in full precision,
     which `value` then is)."""
     if state[key].dtype != torch.uint8:
@@ -118,6 +122,14 @@ def store_moment(state: dict[str, Any], key: str, value: torch.Tensor, block_siz
     codes, absmax = quantize_blockwise(value, signed=MOMENT_SIGNED[key], block_size=block_size)
     state[key].copy_(codes)
     state[f"{key}_absmax"].copy_(absmax)
+
+
+def store_moments(states: list[dict[str, Any]], exp_avgs: list[torch.Tensor],
+                  exp_avg_sqs: list[torch.Tensor]) -> None:
+    """`store_moment` of both moments of every state, after an update of the loaded (working) moments."""
+    for state, exp_avg, exp_avg_sq in zip(states, exp_avgs, exp_avg_sqs):
+        store_moment(state, "exp_avg", exp_avg)
+        store_moment(state, "exp_avg_sq", exp_avg_sq)
 
 
 def restore_8bit_state(state: dict[str, Any], saved: dict[str, Any], device: torch.device) -> None:
@@ -129,9 +141,12 @@ def restore_8bit_state(state: dict[str, Any], saved: dict[str, Any], device: tor
             state[f"{key}_absmax"] = saved[f"{key}_absmax"].to(device=device, dtype=torch.float32, copy=True)
 
 
-def validate_state_bits(state_bits: int) -> None:
+def validate_state_bits(state_bits: int, sharded: bool = False) -> None:
+    """8 or 32; 8-bit blocks of FSDP2 shards would not survive a re-sharding checkpoint, so those are refused."""
     if state_bits not in (8, 32):
         raise ValueError(f"invalid state_bits: {state_bits!r} (8 or 32)")
+    if state_bits == 8 and sharded:
+        raise ValueError("state_bits=8 does not support sharded (FSDP2) params; use state_bits=32")
 
 
 class AdamW8bit(torch.optim.Optimizer):
@@ -148,7 +163,8 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-                 amsgrad: bool = False, *, block_size: int = DEFAULT_BLOCK_SIZE, min_8bit_size: int = 4096):
+                 amsgrad: bool = False, *, block_size: int = DEFAULT_BLOCK_SIZE,
+                 min_8bit_size: int = MIN_8BIT_SIZE):
         validate_non_negative(lr, "lr")
         validate_betas(betas)
         validate_non_negative(eps, "eps")
