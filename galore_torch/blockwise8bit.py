@@ -20,7 +20,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from galore_torch.base import evaluate_closure, validate_betas, validate_non_negative, validate_positive_int
+from galore_torch.base import (
+    evaluate_closure,
+    reject_complex_param,
+    reject_sparse_grad,
+    validate_betas,
+    validate_non_negative,
+    validate_positive_int,
+)
 
 DEFAULT_BLOCK_SIZE = 2048
 MIN_BLOCK_SIZE, MAX_BLOCK_SIZE = 256, 2048
@@ -113,6 +120,35 @@ def load_moment(state: dict[str, Any], key: str, block_size: int = DEFAULT_BLOCK
                                 block_size=block_size, dtype=dtype)
 
 
+def first_moment_bound(beta1: float, beta2: float) -> float:
+    """The largest |m| / sqrt(v) exact Adam can reach with decay rates beta1 <= `beta1` (inf if beta1^2 >= beta2).
+
+    m_t^2 <= v_t (1 - b1)^2 / ((1 - b2)(1 - b1^2 / b2)) by Cauchy-Schwarz over the two EMAs' weights, and the
+    bound carries from step to step. Its maximum over b1 in [0, beta1] sits at an end of that interval.
+    """
+    if beta1**2 >= beta2:
+        return math.inf
+    return max((1 - b1) / math.sqrt((1 - beta2) * (1 - b1**2 / beta2)) for b1 in (0.0, beta1))
+
+
+def load_moments(state: dict[str, Any], dtype: torch.dtype = torch.float32, bound: float = math.inf,
+                 block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(exp_avg, exp_avg_sq) for an update, 8-bit ones dequantized to `dtype` with |m| clamped to
+    bound * sqrt(v) (`first_moment_bound`).
+
+    Why: v spans the square of m's range, so within a block a small v underflows to code 0 while its m does
+    not (a gradient under 4e-4 of the block's largest: the rare-token rows of an LM head); the update
+    m / (sqrt(v) + eps) then explodes (a tiny LLaMA at lr 1e-2 diverged). Exact Adam never exceeds the bound,
+    so the clamp only removes quantization artefacts; full-precision moments are returned untouched.
+    """
+    exp_avg = load_moment(state, "exp_avg", block_size, dtype)
+    exp_avg_sq = load_moment(state, "exp_avg_sq", block_size, dtype)
+    if state["exp_avg"].dtype == torch.uint8 and math.isfinite(bound):
+        limit = exp_avg_sq.float().sqrt().mul_(bound).to(dtype)
+        exp_avg.clamp_(min=-limit, max=limit)
+    return exp_avg, exp_avg_sq
+
+
 def store_moment(state: dict[str, Any], key: str, value: torch.Tensor,
                  block_size: int = DEFAULT_BLOCK_SIZE) -> None:
     """Requantize `value` into the 8-bit moment `key` in place (a no-op for a moment kept in full precision,
@@ -152,9 +188,9 @@ def validate_state_bits(state_bits: int, sharded: bool = False) -> None:
 class AdamW8bit(torch.optim.Optimizer):
     """torch.optim.AdamW with its moments stored blockwise 8-bit (bitsandbytes' AdamW8bit, in plain torch).
 
-    Each step dequantizes a param's moments to float32, updates them and the param exactly as AdamW does
-    (decoupled decay, bias-corrected step), then requantizes them: the update itself always uses the fresh
-    float32 moments. Tensors with fewer than `min_8bit_size` entries (biases, norms) keep float32 moments, as
+    Each step dequantizes a param's moments to float32 (|m| clamped to what exact Adam allows given v, see
+    `load_moments`), updates them and the param exactly as AdamW does (decoupled decay, bias-corrected step),
+    then requantizes them: the update itself always uses the fresh float32 moments. Tensors with fewer than `min_8bit_size` entries (biases, norms) keep float32 moments, as
     bitsandbytes does: they are a negligible share of the memory and the most sensitive to error. Params are
     updated one at a time, so the float32 working copies of one tensor exist at once. State per param: `step`
     (an int), `exp_avg`, `exp_avg_sq` (uint8 codes or float32) and `exp_avg_absmax`, `exp_avg_sq_absmax`
@@ -173,27 +209,28 @@ class AdamW8bit(torch.optim.Optimizer):
             raise ValueError("AdamW8bit has no amsgrad (bitsandbytes' has none either); use torch.optim.AdamW")
         validate_block_size(block_size)
         validate_positive_int(min_8bit_size, "min_8bit_size")
-        self.block_size, self.min_8bit_size = block_size, min_8bit_size
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        # block_size and min_8bit_size are group keys, so state_dict(), copies and pickles carry them
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                                  "block_size": block_size, "min_8bit_size": min_8bit_size})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One AdamW update of every param with a gradient; returns the closure's loss."""
         loss = evaluate_closure(closure)
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
-            for p in group["params"]:
+        for group_index, group in enumerate(self.param_groups):
+            lr, (beta1, beta2), eps, block_size = group["lr"], group["betas"], group["eps"], group["block_size"]
+            for param_index, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse or p.is_complex():
-                    raise ValueError("AdamW8bit supports neither sparse gradients nor complex params")
+                reject_complex_param("AdamW8bit", p, param_index, group_index)
+                reject_sparse_grad("AdamW8bit", p.grad, param_index, group_index)
                 state = self.state[p]
                 if "step" not in state:
-                    self._init_state(state, p)
+                    self._init_state(state, p, group)
                 state["step"] += 1
                 step = state["step"]
-                exp_avg = load_moment(state, "exp_avg", self.block_size)
-                exp_avg_sq = load_moment(state, "exp_avg_sq", self.block_size)
+                exp_avg, exp_avg_sq = load_moments(state, bound=first_moment_bound(beta1, beta2),
+                                                   block_size=block_size)
                 grad = p.grad.float()
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -203,14 +240,14 @@ class AdamW8bit(torch.optim.Optimizer):
                 working.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
                 if working is not p:
                     p.copy_(working)
-                store_moment(state, "exp_avg", exp_avg, self.block_size)
-                store_moment(state, "exp_avg_sq", exp_avg_sq, self.block_size)
+                store_moment(state, "exp_avg", exp_avg, block_size)
+                store_moment(state, "exp_avg_sq", exp_avg_sq, block_size)
         return loss
 
-    def _init_state(self, state: dict[str, Any], p: torch.Tensor) -> None:
+    def _init_state(self, state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:
         state["step"] = 0
-        if p.numel() >= self.min_8bit_size:
-            init_moments_8bit(state, p, self.block_size)
+        if p.numel() >= group["min_8bit_size"]:
+            init_moments_8bit(state, p, group["block_size"])
         else:
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])

@@ -28,8 +28,10 @@ from galore_torch.base import (
 )
 from galore_torch.blockwise8bit import (
     MIN_8BIT_SIZE,
+    first_moment_bound,
     init_moments_8bit,
     load_moment,
+    load_moments,
     restore_8bit_state,
     store_moment,
     store_moments,
@@ -389,6 +391,8 @@ class SPAM(ConfiguredOptimizer):
                 members.items():
             group = self.param_groups[group_index]
             rule = self._bucket_rule(group, group_clips[group_index], masked, is_density_param)
+            moments = [load_moments(state, self._state_dtype(p), first_moment_bound(*group["betas"]))
+                       for p, state in entries]
             # Step-dependent scalars travel as a tensor (a compiled core does not recompile when they change);
             # built on the host and copied without blocking, so no device sync.
             scalars = torch.tensor([self._step_size(group, step) * scale, group["lr"] * group["weight_decay"]],
@@ -396,9 +400,8 @@ class SPAM(ConfiguredOptimizer):
             buckets.append(Bucket(
                 params=[local(p) for p, _ in entries],
                 grads=[local(p.grad) for p, _ in entries],
-                exp_avgs=[local(load_moment(state, "exp_avg", dtype=self._state_dtype(p))) for p, state in entries],
-                exp_avg_sqs=[local(load_moment(state, "exp_avg_sq", dtype=self._state_dtype(p)))
-                             for p, state in entries],
+                exp_avgs=[local(exp_avg) for exp_avg, _ in moments],
+                exp_avg_sqs=[local(exp_avg_sq) for _, exp_avg_sq in moments],
                 masks=[self._core_mask(p, local(state["mask"])) for p, state in entries] if masked else None,
                 scalars=scalars,
             ))

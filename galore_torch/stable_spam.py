@@ -31,8 +31,9 @@ from galore_torch.base import (
 )
 from galore_torch.blockwise8bit import (
     MIN_8BIT_SIZE,
+    first_moment_bound,
     init_moments_8bit,
-    load_moment,
+    load_moments,
     restore_8bit_state,
     store_moments,
     validate_state_bits,
@@ -564,12 +565,14 @@ class StableSPAM(ConfiguredOptimizer):
         coefficients = torch.tensor(list(zip(*columns)), dtype=torch.promote_types(p.dtype, torch.float32),
                                     pin_memory=p.device.type == "cuda").to(p.device, non_blocking=True)
         states = [state for _, state, _ in entries]
+        # 8-bit moments: s_t scales beta1 down to eta_min * beta1, within the bound's range
+        moments = [load_moments(state, self._state_dtype(p), first_moment_bound(beta1, beta2))
+                   for p, state, _ in entries]
         return Bucket(
             params=[local(p) for p, _, _ in entries],
             grads=[local(p.grad) for p, _, _ in entries],
-            exp_avgs=[local(load_moment(state, "exp_avg", dtype=self._state_dtype(p))) for p, state, _ in entries],
-            exp_avg_sqs=[local(load_moment(state, "exp_avg_sq", dtype=self._state_dtype(p)))
-                         for p, state, _ in entries],
+            exp_avgs=[local(exp_avg) for exp_avg, _ in moments],
+            exp_avg_sqs=[local(exp_avg_sq) for _, exp_avg_sq in moments],
             max_exp_avg_sqs=[local(state["max_exp_avg_sq"]) for state in states] if group["amsgrad"] else [],
             m_maxes=[state["m_max"] for state in states],
             m_norms=[state["m_norm"] for state in states],

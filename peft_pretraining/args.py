@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="t5-base (default), builtin (default with --dataset sample), or a directory")
     new.add_argument("--optimizer_variant", type=str, default="reference", choices=("reference", "corrected"),
                      help="spam/stablespam: reproduce the research code, or fix its numerics bugs")
+    new.add_argument("--state_bits", type=int, default=32, choices=(8, 32),
+                     help="spam/stablespam: store Adam's moments blockwise 8-bit (8) or at full precision (32)")
     new.add_argument("--weight_format", type=str, default=None, choices=QUANT_FORMATS,
                      help="quantize projection weights in this format (instead of --act_quant/--fp4)")
     new.add_argument("--act_format", type=str, default=None, choices=QUANT_FORMATS,
