@@ -190,9 +190,10 @@ class AdamW8bit(torch.optim.Optimizer):
 
     Each step dequantizes a param's moments to float32 (|m| clamped to what exact Adam allows given v, see
     `load_moments`), updates them and the param exactly as AdamW does (decoupled decay, bias-corrected step),
-    then requantizes them: the update itself always uses the fresh float32 moments. Tensors with fewer than `min_8bit_size` entries (biases, norms) keep float32 moments, as
-    bitsandbytes does: they are a negligible share of the memory and the most sensitive to error. Params are
-    updated one at a time, so the float32 working copies of one tensor exist at once. State per param: `step`
+    then requantizes them: the update itself always uses the fresh float32 moments. Tensors with fewer than
+    `min_8bit_size` entries (biases, norms) keep float32 moments, as bitsandbytes does: they are a negligible
+    share of the memory. Params are updated one at a time, so the float32 working copies of one tensor exist at
+    once. State per param: `step`
     (an int), `exp_avg`, `exp_avg_sq` (uint8 codes or float32) and `exp_avg_absmax`, `exp_avg_sq_absmax`
     (float32, one per block). No host syncs in `step()`.
     """
