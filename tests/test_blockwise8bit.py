@@ -323,3 +323,17 @@ def test_8bit_adamw_trains_a_tiny_llama_like_fp32_adamw(tiny_config, tmp_path):
         results[name] = (losses[0], sum(losses[-4:]) / 4)
     (first, full), (_, eight) = results["adamw"], results["adamw8bit"]
     assert full < first - 1.0 and abs(eight - full) < 0.1, results
+
+
+def test_state_bits_flag_reaches_spam_and_stablespam_and_is_refused_elsewhere():
+    from peft_pretraining.args import parse_args
+    from peft_pretraining.optim import build_optimizer
+
+    model = torch.nn.Linear(64, 64)
+    common = ["--model_config", "configs/llama_9m.json", "--batch_size", "1", "--warmup_steps", "1",
+              "--num_training_steps", "2", "--state_bits", "8"]
+    for name in ("stablespam", "spam"):
+        assert build_optimizer(model, parse_args([*common, "--optimizer", name])).state_bits == 8
+    assert isinstance(build_optimizer(model, parse_args([*common[:-2], "--optimizer", "adamw8bit"])), AdamW8bit)
+    with pytest.raises(ValueError, match="--state_bits 8 applies to spam and stablespam only"):
+        build_optimizer(model, parse_args([*common, "--optimizer", "adamw"]))
