@@ -48,17 +48,57 @@ def dynamic_code_table(signed: bool) -> torch.Tensor:
 
 
 _TABLES = {signed: dynamic_code_table(signed) for signed in (True, False)}
-# decision boundaries between neighbouring codes: bucketize against them is round-to-nearest
-_BOUNDARIES = {signed: (table[1:].double() + table[:-1].double()).div(2).float() for signed, table in _TABLES.items()}
+# Round to nearest without a search: |y| in [2^-FLOOR_EXPONENT, 1] is cut into intervals by its float32 exponent
+# and the top MANTISSA_BITS bits of its mantissa (the bits of y, shifted: one integer op); no interval holds more
+# than one decision boundary (midpoint between neighbouring codes), so the code is the interval's first code plus
+# one if y lies above that boundary. Smaller |y| (all below the first boundary) share interval 0.
+MANTISSA_BITS, FLOOR_EXPONENT = 8, 24
+_SHIFT, _FIRST = 23 - MANTISSA_BITS, (127 - FLOOR_EXPONENT) << MANTISSA_BITS
+_INTERVALS = (FLOOR_EXPONENT + 1) << MANTISSA_BITS
+
+
+def _interval_lookup(codes: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first code, boundary inside or inf) per interval, for the sorted nonnegative `codes` (0 first, 1 last)."""
+    boundaries = ((torch.tensor(codes[1:], dtype=torch.float64) + torch.tensor(codes[:-1], dtype=torch.float64))
+                  / 2).float()
+    starts = (torch.arange(_INTERVALS, dtype=torch.int32) + _FIRST).bitwise_left_shift(_SHIFT).view(torch.float32)
+    starts[0] = 0.0
+    ends = torch.cat([starts[1:], torch.tensor([math.inf])])
+    first = torch.searchsorted(boundaries, starts, side="left")  # boundaries below the interval's start
+    inside = torch.searchsorted(boundaries, ends, side="left") - first
+    assert int(inside.max()) <= 1, "an interval holds two boundaries: raise MANTISSA_BITS"
+    split = torch.where(inside == 1, boundaries[first.clamp(max=len(boundaries) - 1)], math.inf)
+    return first.int(), split
+
+
+# signed: the nonnegative half (codes 127..255); a negative value takes the mirror of its magnitude's code
+_SIGNED_ZERO = 127
+_LOOKUPS = {signed: _interval_lookup(table[_SIGNED_ZERO if signed else 0:].tolist())
+            for signed, table in _TABLES.items()}
 _ON_DEVICE: dict[tuple[str, bool, torch.device], torch.Tensor] = {}
 
 
 def _on(kind: str, signed: bool, device: torch.device) -> torch.Tensor:
-    """The table or its boundaries on `device`, copied there once (a copy per call would be a transfer)."""
+    """The code table ("table") or an interval lookup ("first", "split") on `device`, copied there once."""
     key = (kind, signed, device)
     if key not in _ON_DEVICE:
-        _ON_DEVICE[key] = (_TABLES if kind == "table" else _BOUNDARIES)[signed].to(device)
+        source = {"table": _TABLES[signed], "first": _LOOKUPS[signed][0], "split": _LOOKUPS[signed][1]}[kind]
+        _ON_DEVICE[key] = source.to(device)
     return _ON_DEVICE[key]
+
+
+def _nearest_codes(y: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The index of the code nearest to each entry of float32 `y` in [-1, 1] (int32); ties go to the smaller
+    magnitude. Unsigned: negatives count as 0."""
+    magnitude = y.abs() if signed else y.clamp(min=0)
+    interval = (magnitude.view(torch.int32).bitwise_right_shift(_SHIFT) - _FIRST).clamp_(0, _INTERVALS - 1)
+    interval = interval.reshape(-1)
+    codes = (_on("first", signed, y.device).index_select(0, interval)
+             + (magnitude.reshape(-1) > _on("split", signed, y.device).index_select(0, interval))).view(y.shape)
+    if not signed:
+        return codes
+    # -1 is not a code: a magnitude nearest to +1 takes the most negative code, 0
+    return torch.where(y < 0, (_SIGNED_ZERO - codes).clamp(min=0), codes + _SIGNED_ZERO)
 
 
 def validate_block_size(block_size: int) -> None:
@@ -69,7 +109,7 @@ def validate_block_size(block_size: int) -> None:
 
 
 def num_blocks(numel: int, block_size: int = DEFAULT_BLOCK_SIZE) -> int:
-    return math.ceil(numel / block_size)
+    return (numel + block_size - 1) // block_size  # integer ops: traced symbolically under dynamic shapes
 
 
 def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -85,8 +125,8 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool,
     blocks = _blocks(x.float(), block_size)
     absmax = blocks.abs().amax(dim=1)
     normalized = blocks / absmax.clamp(min=torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = torch.bucketize(normalized, _on("boundaries", signed, x.device), out_int32=True)
-    return codes.to(torch.uint8).view(-1)[:x.numel()].view(x.shape), absmax
+    codes = _nearest_codes(normalized, signed).to(torch.uint8)
+    return codes.view(-1)[:x.numel()].view(x.shape), absmax
 
 
 def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: bool,
@@ -96,6 +136,10 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
     blocks = _blocks(values, block_size) * absmax.unsqueeze(1)
     return blocks.view(-1)[:codes.numel()].view(codes.shape).to(dtype)
 
+
+# Compiled on first use, with dynamic shapes so that one graph serves every tensor shape; ~8x faster on a CPU.
+_quantize_compiled = torch.compile(quantize_blockwise, dynamic=True)
+_dequantize_compiled = torch.compile(dequantize_blockwise, dynamic=True)
 
 # Adam's moments: the first signed, the second (>= 0) unsigned, as bitsandbytes.
 MOMENT_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
@@ -112,11 +156,12 @@ def init_moments_8bit(state: dict[str, Any], p: torch.Tensor, block_size: int = 
 
 
 def load_moment(state: dict[str, Any], key: str, block_size: int = DEFAULT_BLOCK_SIZE,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The moment `key`: dequantized to `dtype` when stored 8-bit, else the stored tensor itself."""
+                dtype: torch.dtype = torch.float32, compile: bool = False) -> torch.Tensor:
+    """The moment `key`: dequantized to `dtype` (by the compiled function with `compile`) when stored 8-bit,
+    else the stored tensor itself."""
     if state[key].dtype != torch.uint8:
         return state[key]
-    return dequantize_blockwise(state[key], state[f"{key}_absmax"], signed=MOMENT_SIGNED[key],
+    return (_dequantize_compiled if compile else dequantize_blockwise)(state[key], state[f"{key}_absmax"], signed=MOMENT_SIGNED[key],
                                 block_size=block_size, dtype=dtype)
 
 
@@ -132,7 +177,7 @@ def first_moment_bound(beta1: float, beta2: float) -> float:
 
 
 def load_moments(state: dict[str, Any], dtype: torch.dtype = torch.float32, bound: float = math.inf,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+                 block_size: int = DEFAULT_BLOCK_SIZE, compile: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(exp_avg, exp_avg_sq) for an update, 8-bit ones dequantized to `dtype` with |m| clamped to
     bound * sqrt(v) (`first_moment_bound`).
 
@@ -141,8 +186,8 @@ def load_moments(state: dict[str, Any], dtype: torch.dtype = torch.float32, boun
     m / (sqrt(v) + eps) then explodes (a tiny LLaMA at lr 1e-2 diverged). Exact Adam never exceeds the bound,
     so the clamp only removes quantization artefacts; full-precision moments are returned untouched.
     """
-    exp_avg = load_moment(state, "exp_avg", block_size, dtype)
-    exp_avg_sq = load_moment(state, "exp_avg_sq", block_size, dtype)
+    exp_avg = load_moment(state, "exp_avg", block_size, dtype, compile)
+    exp_avg_sq = load_moment(state, "exp_avg_sq", block_size, dtype, compile)
     if state["exp_avg"].dtype == torch.uint8 and math.isfinite(bound):
         limit = exp_avg_sq.float().sqrt().mul_(bound).to(dtype)
         exp_avg.clamp_(min=-limit, max=limit)
@@ -150,22 +195,22 @@ def load_moments(state: dict[str, Any], dtype: torch.dtype = torch.float32, boun
 
 
 def store_moment(state: dict[str, Any], key: str, value: torch.Tensor,
-                 block_size: int = DEFAULT_BLOCK_SIZE) -> None:
+                 block_size: int = DEFAULT_BLOCK_SIZE, compile: bool = False) -> None:
     """Requantize `value` into the 8-bit moment `key` in place (a no-op for a moment kept in full precision,
     which `value` then is)."""
     if state[key].dtype != torch.uint8:
         return
-    codes, absmax = quantize_blockwise(value, signed=MOMENT_SIGNED[key], block_size=block_size)
+    codes, absmax = (_quantize_compiled if compile else quantize_blockwise)(value, signed=MOMENT_SIGNED[key], block_size=block_size)
     state[key].copy_(codes)
     state[f"{key}_absmax"].copy_(absmax)
 
 
-def store_moments(states: list[dict[str, Any]], exp_avgs: list[torch.Tensor],
-                  exp_avg_sqs: list[torch.Tensor]) -> None:
+def store_moments(states: list[dict[str, Any]], exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
+                  compile: bool = False) -> None:
     """`store_moment` of both moments of every state, after an update of the loaded (working) moments."""
     for state, exp_avg, exp_avg_sq in zip(states, exp_avgs, exp_avg_sqs):
-        store_moment(state, "exp_avg", exp_avg)
-        store_moment(state, "exp_avg_sq", exp_avg_sq)
+        store_moment(state, "exp_avg", exp_avg, compile=compile)
+        store_moment(state, "exp_avg_sq", exp_avg_sq, compile=compile)
 
 
 def restore_8bit_state(state: dict[str, Any], saved: dict[str, Any], device: torch.device) -> None:
@@ -195,13 +240,14 @@ class AdamW8bit(torch.optim.Optimizer):
     share of the memory. Params are updated one at a time, so the float32 working copies of one tensor exist at
     once. State per param: `step`
     (an int), `exp_avg`, `exp_avg_sq` (uint8 codes or float32) and `exp_avg_absmax`, `exp_avg_sq_absmax`
-    (float32, one per block). No host syncs in `step()`.
+    (float32, one per block). No host syncs in `step()`. `compile=True` runs the (de)quantization through
+    `torch.compile` (one dynamic-shape graph each; ~8x faster on a CPU); the arithmetic stays eager.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  amsgrad: bool = False, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                 min_8bit_size: int = MIN_8BIT_SIZE):
+                 min_8bit_size: int = MIN_8BIT_SIZE, compile: bool = False):
         validate_non_negative(lr, "lr")
         validate_betas(betas)
         validate_non_negative(eps, "eps")
@@ -212,7 +258,7 @@ class AdamW8bit(torch.optim.Optimizer):
         validate_positive_int(min_8bit_size, "min_8bit_size")
         # block_size and min_8bit_size are group keys, so state_dict(), copies and pickles carry them
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
-                                  "block_size": block_size, "min_8bit_size": min_8bit_size})
+                                  "block_size": block_size, "min_8bit_size": min_8bit_size, "compile": compile})
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -231,7 +277,7 @@ class AdamW8bit(torch.optim.Optimizer):
                 state["step"] += 1
                 step = state["step"]
                 exp_avg, exp_avg_sq = load_moments(state, bound=first_moment_bound(beta1, beta2),
-                                                   block_size=block_size)
+                                                   block_size=block_size, compile=group["compile"])
                 grad = p.grad.float()
                 exp_avg.lerp_(grad, 1 - beta1)
                 exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -241,8 +287,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 working.addcdiv_(exp_avg, denominator, value=-lr / (1 - beta1**step))
                 if working is not p:
                     p.copy_(working)
-                store_moment(state, "exp_avg", exp_avg, block_size)
-                store_moment(state, "exp_avg_sq", exp_avg_sq, block_size)
+                store_moment(state, "exp_avg", exp_avg, block_size, group["compile"])
+                store_moment(state, "exp_avg_sq", exp_avg_sq, block_size, group["compile"])
         return loss
 
     def _init_state(self, state: dict[str, Any], p: torch.Tensor, group: dict[str, Any]) -> None:

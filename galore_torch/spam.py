@@ -219,7 +219,8 @@ class SPAM(ConfiguredOptimizer):
         fp32_state: keep moments in float32 whatever the param dtype (the original keeps the param dtype).
         state_bits: 8 stores exp_avg and exp_avg_sq of tensors with at least 4096 entries as blockwise 8-bit
             codes (galore_torch.blockwise8bit), dequantized to the state dtype for each step's update and
-            requantized after it; 32 (default) keeps them as they are. Not for sharded params.
+            requantized after it (compiled too with `compile`); 32 (default) keeps them as they are. Not for
+            sharded params.
         no_deprecation_warning: accepted for compatibility with the original and ignored.
     """
 
@@ -329,7 +330,7 @@ class SPAM(ConfiguredOptimizer):
         buckets, rules, shard_groups, bucket_states = self._prepare_buckets(n, scale)
         squared_norms = self._core(buckets, rules) if buckets else []
         for bucket, states in zip(buckets, bucket_states):
-            store_moments(states, bucket.exp_avgs, bucket.exp_avg_sqs)
+            store_moments(states, bucket.exp_avgs, bucket.exp_avg_sqs, self.settings["compile"])
         self._record_grad_norm(squared_norms, shard_groups)
 
         self.param_groups[0]["total_step"] += 1
@@ -391,8 +392,8 @@ class SPAM(ConfiguredOptimizer):
                 members.items():
             group = self.param_groups[group_index]
             rule = self._bucket_rule(group, group_clips[group_index], masked, is_density_param)
-            moments = [load_moments(state, self._state_dtype(p), first_moment_bound(*group["betas"]))
-                       for p, state in entries]
+            moments = [load_moments(state, self._state_dtype(p), first_moment_bound(*group["betas"]),
+                                    compile=self.settings["compile"]) for p, state in entries]
             # Step-dependent scalars travel as a tensor (a compiled core does not recompile when they change);
             # built on the host and copied without blocking, so no device sync.
             scalars = torch.tensor([self._step_size(group, step) * scale, group["lr"] * group["weight_decay"]],

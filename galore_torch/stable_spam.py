@@ -421,7 +421,8 @@ class StableSPAM(ConfiguredOptimizer):
         fp32_state: keep moments and EMAs of bf16/fp16 params in float32 (the original keeps the param dtype).
         state_bits: 8 stores exp_avg and exp_avg_sq of tensors with at least 4096 entries as blockwise 8-bit
             codes (galore_torch.blockwise8bit), dequantized to the state dtype for each step's update and
-            requantized after it; 32 (default) keeps them as they are. Not for sharded params.
+            requantized after it (compiled too with `compile`); 32 (default) keeps them as they are. Not for
+            sharded params.
     """
 
     def __init__(
@@ -505,7 +506,8 @@ class StableSPAM(ConfiguredOptimizer):
                              "over one device mesh (one fully_shard mesh for the whole model)")
         results = self._core(buckets, rules, shard_groups.pop() if shard_groups else None)
         for entries, bucket in zip(members, buckets):
-            store_moments([state for _, state, _ in entries], bucket.exp_avgs, bucket.exp_avg_sqs)
+            store_moments([state for _, state, _ in entries], bucket.exp_avgs, bucket.exp_avg_sqs,
+                          self.settings["compile"])
         for entries, (thresholds, scales) in zip(members, results):
             for (p, state, _), threshold, norm_scale in zip(entries, thresholds, scales):
                 state["clip_threshold"] = threshold.to(self._state_dtype(p))
@@ -566,8 +568,8 @@ class StableSPAM(ConfiguredOptimizer):
                                     pin_memory=p.device.type == "cuda").to(p.device, non_blocking=True)
         states = [state for _, state, _ in entries]
         # 8-bit moments: s_t scales beta1 down to eta_min * beta1, within the bound's range
-        moments = [load_moments(state, self._state_dtype(p), first_moment_bound(beta1, beta2))
-                   for p, state, _ in entries]
+        moments = [load_moments(state, self._state_dtype(p), first_moment_bound(beta1, beta2),
+                                compile=self.settings["compile"]) for p, state, _ in entries]
         return Bucket(
             params=[local(p) for p, _, _ in entries],
             grads=[local(p.grad) for p, _, _ in entries],
