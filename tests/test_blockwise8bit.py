@@ -72,12 +72,30 @@ def test_zero_blocks_ragged_tail_and_dtypes():
     assert quantize_blockwise(torch.randn(10, 10).t(), signed=True, block_size=256)[0].shape == (10, 10)
 
 
-def test_quantization_compiles_to_the_eager_codes():
-    x = torch.randn(3000)
-    compiled = torch.compile(quantize_blockwise, fullgraph=True)
-    for expected, got in zip(quantize_blockwise(x, signed=True, block_size=256),
-                             compiled(x, signed=True, block_size=256)):
-        assert torch.equal(expected, got)
+def test_nearest_code_lookup_matches_a_search_of_the_sorted_boundaries():
+    """The interval lookup against bucketize: equal everywhere but at exact ties of negative values (the lookup
+    rounds ties to the smaller magnitude, bucketize to the lower value)."""
+    from galore_torch.blockwise8bit import _nearest_codes
+    for signed in (True, False):
+        table = dynamic_code_table(signed)
+        boundaries = ((table[1:].double() + table[:-1].double()) / 2).float()
+        y = torch.cat([torch.rand(100_000) ** 8, torch.logspace(-9, 0, 100_000), table, boundaries,
+                       torch.nextafter(boundaries, torch.tensor(2.0)), torch.nextafter(boundaries, torch.tensor(-2.0)),
+                       torch.tensor([0.0, 1e-30, 5e-8])]).clamp(0, 1)
+        y = torch.cat([y, -y]) if signed else y
+        expected, got = torch.bucketize(y, boundaries), _nearest_codes(y, signed)
+        keep = (y >= 0) | ~torch.isin(y, boundaries)
+        assert torch.equal(expected[keep], got[keep]) and (~keep).sum() < 200
+
+
+def test_compiled_quantization_gives_the_eager_codes_for_every_shape():
+    """The dynamic-shape compiled functions the optimizers use with compile=True."""
+    from galore_torch.blockwise8bit import _dequantize_compiled, _quantize_compiled
+    for shape in ((3000,), (96, 64)):
+        x = torch.randn(shape)
+        expected, got = quantize_blockwise(x, signed=True), _quantize_compiled(x, signed=True)
+        assert all(torch.equal(e, g) for e, g in zip(expected, got))
+        assert torch.equal(dequantize_blockwise(*got, signed=True), _dequantize_compiled(*got, signed=True))
 
 
 def random_params(seed=0):
@@ -269,7 +287,6 @@ def test_state_bits_other_than_8_or_32_are_refused():
 
 
 def test_compiled_stablespam_with_8bit_states_matches_eager_without_recompiling():
-    torch._dynamo.reset()
     stats = torch._dynamo.utils.counters["stats"]
     eager, _ = spike_run(make_stablespam, 12, state_bits=8)
     params, opt = spike_run(make_stablespam, 11, state_bits=8, compile=True)  # a reset at step 10
