@@ -161,8 +161,9 @@ def load_moment(state: dict[str, Any], key: str, block_size: int = DEFAULT_BLOCK
     else the stored tensor itself."""
     if state[key].dtype != torch.uint8:
         return state[key]
-    return (_dequantize_compiled if compile else dequantize_blockwise)(state[key], state[f"{key}_absmax"], signed=MOMENT_SIGNED[key],
-                                block_size=block_size, dtype=dtype)
+    dequantize = _dequantize_compiled if compile else dequantize_blockwise
+    return dequantize(state[key], state[f"{key}_absmax"], signed=MOMENT_SIGNED[key],
+                      block_size=block_size, dtype=dtype)
 
 
 def first_moment_bound(beta1: float, beta2: float) -> float:
@@ -200,7 +201,8 @@ def store_moment(state: dict[str, Any], key: str, value: torch.Tensor,
     which `value` then is)."""
     if state[key].dtype != torch.uint8:
         return
-    codes, absmax = (_quantize_compiled if compile else quantize_blockwise)(value, signed=MOMENT_SIGNED[key], block_size=block_size)
+    quantize = _quantize_compiled if compile else quantize_blockwise
+    codes, absmax = quantize(value, signed=MOMENT_SIGNED[key], block_size=block_size)
     state[key].copy_(codes)
     state[f"{key}_absmax"].copy_(absmax)
 

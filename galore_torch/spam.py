@@ -351,8 +351,8 @@ class SPAM(ConfiguredOptimizer):
 
     def _prepare_buckets(self, n: int, scale: float) -> tuple[list[Bucket], list[BucketRule], list, list]:
         """Host side of step n: per-param counters, moment resets, gates, and the buckets for the core, with
-        the process group each bucket is sharded over (None for whole tensors) and its params' states. Sharded params (DTensors)
-        enter as their local shards: SPAM's update is entry-wise, so shards need no communication.
+        the process group each bucket is sharded over (None for whole tensors) and its params' states. Sharded
+        params (DTensors) enter as their local shards: SPAM's update is entry-wise, so shards need no communication.
 
         The period in force while visiting a group is that of the last density group visited before it, as in
         the original; groups before the first density group use the previous step's (none at step 1).
