@@ -137,9 +137,30 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
     return blocks.view(-1)[:codes.numel()].view(codes.shape).to(dtype)
 
 
-# Compiled on first use, with dynamic shapes so that one graph serves every tensor shape; ~8x faster on a CPU.
-_quantize_compiled = torch.compile(quantize_blockwise, dynamic=True)
-_dequantize_compiled = torch.compile(dequantize_blockwise, dynamic=True)
+def _quantize_signed(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_blockwise(flat, signed=True, block_size=block_size)
+
+
+def _quantize_unsigned(flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_blockwise(flat, signed=False, block_size=block_size)
+
+
+def _dequantize_signed(codes: torch.Tensor, absmax: torch.Tensor, block_size: int, dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_blockwise(codes, absmax, signed=True, block_size=block_size, dtype=dtype)
+
+
+def _dequantize_unsigned(codes: torch.Tensor, absmax: torch.Tensor, block_size: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    return dequantize_blockwise(codes, absmax, signed=False, block_size=block_size, dtype=dtype)
+
+
+# Compiled on first use for flat tensors with static sizes: a graph per distinct numel (a handful in a
+# transformer) and per function, each one its own code object so that their graphs count against separate
+# recompile limits. ~10x faster than eager on a CPU; dynamic shapes were barely faster than eager.
+_QUANTIZE_COMPILED = {True: torch.compile(_quantize_signed, dynamic=False),
+                      False: torch.compile(_quantize_unsigned, dynamic=False)}
+_DEQUANTIZE_COMPILED = {True: torch.compile(_dequantize_signed, dynamic=False),
+                        False: torch.compile(_dequantize_unsigned, dynamic=False)}
 
 # Adam's moments: the first signed, the second (>= 0) unsigned, as bitsandbytes.
 MOMENT_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
@@ -159,11 +180,12 @@ def load_moment(state: dict[str, Any], key: str, block_size: int = DEFAULT_BLOCK
                 dtype: torch.dtype = torch.float32, compile: bool = False) -> torch.Tensor:
     """The moment `key`: dequantized to `dtype` (by the compiled function with `compile`) when stored 8-bit,
     else the stored tensor itself."""
-    if state[key].dtype != torch.uint8:
-        return state[key]
-    dequantize = _dequantize_compiled if compile else dequantize_blockwise
-    return dequantize(state[key], state[f"{key}_absmax"], signed=MOMENT_SIGNED[key],
-                      block_size=block_size, dtype=dtype)
+    codes, absmax, signed = state[key], state.get(f"{key}_absmax"), MOMENT_SIGNED[key]
+    if codes.dtype != torch.uint8:
+        return codes
+    if compile:
+        return _DEQUANTIZE_COMPILED[signed](codes.reshape(-1), absmax, block_size, dtype).view(codes.shape)
+    return dequantize_blockwise(codes, absmax, signed=signed, block_size=block_size, dtype=dtype)
 
 
 def first_moment_bound(beta1: float, beta2: float) -> float:
@@ -201,9 +223,11 @@ def store_moment(state: dict[str, Any], key: str, value: torch.Tensor,
     which `value` then is)."""
     if state[key].dtype != torch.uint8:
         return
-    quantize = _quantize_compiled if compile else quantize_blockwise
-    codes, absmax = quantize(value, signed=MOMENT_SIGNED[key], block_size=block_size)
-    state[key].copy_(codes)
+    if compile:
+        codes, absmax = _QUANTIZE_COMPILED[MOMENT_SIGNED[key]](value.reshape(-1), block_size)
+    else:
+        codes, absmax = quantize_blockwise(value, signed=MOMENT_SIGNED[key], block_size=block_size)
+    state[key].copy_(codes.view(state[key].shape))
     state[f"{key}_absmax"].copy_(absmax)
 
 
@@ -243,7 +267,7 @@ class AdamW8bit(torch.optim.Optimizer):
     once. State per param: `step`
     (an int), `exp_avg`, `exp_avg_sq` (uint8 codes or float32) and `exp_avg_absmax`, `exp_avg_sq_absmax`
     (float32, one per block). No host syncs in `step()`. `compile=True` runs the (de)quantization through
-    `torch.compile` (one dynamic-shape graph each; ~8x faster on a CPU); the arithmetic stays eager.
+    `torch.compile` (a graph per distinct tensor size; ~10x faster on a CPU); the arithmetic stays eager.
     """
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict[str, Any]], lr: float = 1e-3,

@@ -11,6 +11,7 @@ from galore_torch.blockwise8bit import (
     AdamW8bit,
     dequantize_blockwise,
     dynamic_code_table,
+    init_moments_8bit,
     quantize_blockwise,
 )
 
@@ -89,13 +90,18 @@ def test_nearest_code_lookup_matches_a_search_of_the_sorted_boundaries():
 
 
 def test_compiled_quantization_gives_the_eager_codes_for_every_shape():
-    """The dynamic-shape compiled functions the optimizers use with compile=True."""
-    from galore_torch.blockwise8bit import _dequantize_compiled, _quantize_compiled
+    """The compiled functions the optimizers use with compile=True."""
+    from galore_torch.blockwise8bit import load_moment, store_moment
     for shape in ((3000,), (96, 64)):
         x = torch.randn(shape)
-        expected, got = quantize_blockwise(x, signed=True), _quantize_compiled(x, signed=True)
-        assert all(torch.equal(e, g) for e, g in zip(expected, got))
-        assert torch.equal(dequantize_blockwise(*got, signed=True), _dequantize_compiled(*got, signed=True))
+        eager, compiled = {}, {}
+        for state, compile in ((eager, False), (compiled, True)):
+            init_moments_8bit(state, x)
+            store_moment(state, "exp_avg", x, compile=compile)
+            store_moment(state, "exp_avg_sq", x.square(), compile=compile)
+        assert all(torch.equal(eager[key], compiled[key]) for key in eager)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(load_moment(eager, key), load_moment(compiled, key, compile=True))
 
 
 def random_params(seed=0):
