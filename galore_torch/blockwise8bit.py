@@ -154,13 +154,17 @@ def _dequantize_unsigned(codes: torch.Tensor, absmax: torch.Tensor, block_size: 
     return dequantize_blockwise(codes, absmax, signed=False, block_size=block_size, dtype=dtype)
 
 
-# Compiled on first use for flat tensors with static sizes: a graph per distinct numel (a handful in a
-# transformer) and per function, each one its own code object so that their graphs count against separate
-# recompile limits. ~10x faster than eager on a CPU; dynamic shapes were barely faster than eager.
-_QUANTIZE_COMPILED = {True: torch.compile(_quantize_signed, dynamic=False),
-                      False: torch.compile(_quantize_unsigned, dynamic=False)}
-_DEQUANTIZE_COMPILED = {True: torch.compile(_dequantize_signed, dynamic=False),
-                        False: torch.compile(_dequantize_unsigned, dynamic=False)}
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _compiled(fn: Callable) -> Callable:
+    """`fn` through torch.compile for flat tensors of static sizes: a graph per distinct numel (a handful in a
+    transformer); each of the four functions is its own code object, so their graphs count against separate
+    recompile limits. ~10x faster than eager on a CPU (dynamic shapes were barely faster than eager). Wrapped on
+    first use: importing torch's compiler costs seconds."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=False)
+    return _COMPILED[fn]
 
 # Adam's moments: the first signed, the second (>= 0) unsigned, as bitsandbytes.
 MOMENT_SIGNED = {"exp_avg": True, "exp_avg_sq": False}
@@ -184,7 +188,8 @@ def load_moment(state: dict[str, Any], key: str, block_size: int = DEFAULT_BLOCK
     if codes.dtype != torch.uint8:
         return codes
     if compile:
-        return _DEQUANTIZE_COMPILED[signed](codes.reshape(-1), absmax, block_size, dtype).view(codes.shape)
+        dequantize = _compiled(_dequantize_signed if signed else _dequantize_unsigned)
+        return dequantize(codes.reshape(-1), absmax, block_size, dtype).view(codes.shape)
     return dequantize_blockwise(codes, absmax, signed=signed, block_size=block_size, dtype=dtype)
 
 
@@ -224,7 +229,8 @@ def store_moment(state: dict[str, Any], key: str, value: torch.Tensor,
     if state[key].dtype != torch.uint8:
         return
     if compile:
-        codes, absmax = _QUANTIZE_COMPILED[MOMENT_SIGNED[key]](value.reshape(-1), block_size)
+        quantize = _compiled(_quantize_signed if MOMENT_SIGNED[key] else _quantize_unsigned)
+        codes, absmax = quantize(value.reshape(-1), block_size)
     else:
         codes, absmax = quantize_blockwise(value, signed=MOMENT_SIGNED[key], block_size=block_size)
     state[key].copy_(codes.view(state[key].shape))
