@@ -3,6 +3,7 @@
 import torch
 
 from galore_torch.adafactor import Adafactor
+from galore_torch.blockwise8bit import AdamW8bit
 from galore_torch.galore_optimizers import (
     GaLoreAdafactor,
     GaLoreAdamW,
@@ -19,6 +20,7 @@ from galore_torch.stable_spam import StableSPAM
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
+    "adamw8bit": AdamW8bit,  # moments stored blockwise 8-bit, as bitsandbytes' AdamW8bit
     "adafactor": Adafactor,  # transformers' semantics, as the reference's baselines ran
     "adafactor_torch": torch.optim.Adafactor,  # torch's variant: no first moment, no update clipping
     "sgd": torch.optim.SGD,

@@ -26,6 +26,17 @@ from galore_torch.base import (
     validate_non_negative_int,
     validate_variant,
 )
+from galore_torch.blockwise8bit import (
+    MIN_8BIT_SIZE,
+    first_moment_bound,
+    init_moments_8bit,
+    load_moment,
+    load_moments,
+    restore_8bit_state,
+    store_moment,
+    store_moments,
+    validate_state_bits,
+)
 from galore_torch.chunking import compile_core, merge_sum, run_in_chunks
 from galore_torch.sharded import all_reduce_stacked, local, shard_group, shard_like
 
@@ -207,6 +218,10 @@ class SPAM(ConfiguredOptimizer):
             (lower peak memory).
         compile: run the update core through `torch.compile(fullgraph=True)`.
         fp32_state: keep moments in float32 whatever the param dtype (the original keeps the param dtype).
+        state_bits: 8 stores exp_avg and exp_avg_sq of tensors with at least 4096 entries as blockwise 8-bit
+            codes (galore_torch.blockwise8bit), dequantized to the state dtype for each step's update and
+            requantized after it (compiled too with `compile`); 32 (default) keeps them as they are. Not for
+            sharded params.
         no_deprecation_warning: accepted for compatibility with the original and ignored.
     """
 
@@ -226,6 +241,7 @@ class SPAM(ConfiguredOptimizer):
         foreach: bool | None = None,
         compile: bool = False,
         fp32_state: bool = False,
+        state_bits: int = 32,
         no_deprecation_warning: bool = False,
     ):
         validate_non_negative(lr, "lr")
@@ -236,7 +252,10 @@ class SPAM(ConfiguredOptimizer):
                     "correct_bias": correct_bias, "warmup_epoch": warmup_epoch, "threshold": threshold,
                     "grad_accu_steps": grad_accu_steps, "variant": variant, "maximize": maximize}
         validate_hyperparameters(defaults)
-        self._configure({"foreach": foreach is not False, "compile": compile, "fp32_state": fp32_state})
+        validate_state_bits(state_bits)
+        # state_bits only when 8, so that 32-bit optimizers carry (and pickle) the settings they always did
+        self._configure({"foreach": foreach is not False, "compile": compile, "fp32_state": fp32_state}
+                        | ({"state_bits": 8} if state_bits == 8 else {}))
         super().__init__(params, defaults)
         # The original's two global counters; kept in the first group so that state_dict() carries them and
         # `state` holds only per-param entries (torch.distributed.checkpoint maps every state key to a param).
@@ -248,6 +267,7 @@ class SPAM(ConfiguredOptimizer):
         self.settings = settings
         self.foreach = settings["foreach"]
         self.fp32_state = settings["fp32_state"]
+        self.state_bits = settings.get("state_bits", 32)
         self.last_grad_norm: torch.Tensor | None = None
         self._mask_copies: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         self._core: Callable[[list[Bucket], list[BucketRule]], list[torch.Tensor]] = update_buckets
@@ -284,6 +304,10 @@ class SPAM(ConfiguredOptimizer):
         of an optimizer with none, and the masks are there from construction)."""
         state = self.state[p]
         state["step"] = 0
+        validate_state_bits(self.state_bits, sharded=shard_group(p) is not None)
+        if self.state_bits == 8 and p.numel() >= MIN_8BIT_SIZE:
+            init_moments_8bit(state, p)
+            return
         state["exp_avg"] = torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
 
@@ -303,8 +327,10 @@ class SPAM(ConfiguredOptimizer):
         loss = evaluate_closure(closure)
         n = self.total_step + 1
         scale = warmup_scale(self.current_step, self.param_groups[0]["warmup_epoch"])
-        buckets, rules, shard_groups = self._prepare_buckets(n, scale)
+        buckets, rules, shard_groups, bucket_states = self._prepare_buckets(n, scale)
         squared_norms = self._run_core(buckets, rules) if buckets else []
+        for bucket, states in zip(buckets, bucket_states):
+            store_moments(states, bucket.exp_avgs, bucket.exp_avg_sqs, self.settings["compile"])
         self._record_grad_norm(squared_norms, shard_groups)
 
         self.param_groups[0]["total_step"] += 1
@@ -330,10 +356,10 @@ class SPAM(ConfiguredOptimizer):
         gaps = [group["update_proj_gap"] for group in self.param_groups if "density" in group]
         return gaps[-1] if gaps else None
 
-    def _prepare_buckets(self, n: int, scale: float) -> tuple[list[Bucket], list[BucketRule], list]:
+    def _prepare_buckets(self, n: int, scale: float) -> tuple[list[Bucket], list[BucketRule], list, list]:
         """Host side of step n: per-param counters, moment resets, gates, and the buckets for the core, with
-        the process group each bucket is sharded over (None for whole tensors). Sharded params (DTensors)
-        enter as their local shards: SPAM's update is entry-wise, so shards need no communication.
+        the process group each bucket is sharded over (None for whole tensors) and its params' states. Sharded
+        params (DTensors) enter as their local shards: SPAM's update is entry-wise, so shards need no communication.
 
         The period in force while visiting a group is that of the last density group visited before it, as in
         the original; groups before the first density group use the previous step's (none at step 1).
@@ -357,8 +383,9 @@ class SPAM(ConfiguredOptimizer):
                 state = self.state[p]
                 if "exp_avg" not in state:  # a param whose state a loaded state_dict lacked
                     self._init_moments(p)
-                if reset:
-                    to_reset += [state["exp_avg"], state["exp_avg_sq"]]
+                if reset:  # 8-bit moments: zero codes with a zero absmax decode to 0
+                    to_reset += [state[key] for key in ("exp_avg", "exp_avg_sq", "exp_avg_absmax",
+                                                        "exp_avg_sq_absmax") if key in state]
                 state["step"] += 1
                 masked = "mask" in state and group["density"] < 1.0
                 key = (group_index, masked, "mask" in state, p.device, p.dtype, state["step"], shard_group(p),
@@ -367,11 +394,13 @@ class SPAM(ConfiguredOptimizer):
         if to_reset:
             torch._foreach_zero_(to_reset)
 
-        buckets, rules, shard_groups = [], [], []
+        buckets, rules, shard_groups, bucket_states = [], [], [], []
         for (group_index, masked, is_density_param, device, dtype, step, process_group, _), entries in \
                 members.items():
             group = self.param_groups[group_index]
             rule = self._bucket_rule(group, group_clips[group_index], masked, is_density_param)
+            moments = [load_moments(state, self._state_dtype(p), first_moment_bound(*group["betas"]),
+                                    compile=self.settings["compile"]) for p, state in entries]
             # Step-dependent scalars travel as a tensor (a compiled core does not recompile when they change);
             # built on the host and copied without blocking, so no device sync.
             scalars = torch.tensor([self._step_size(group, step) * scale, group["lr"] * group["weight_decay"]],
@@ -379,14 +408,15 @@ class SPAM(ConfiguredOptimizer):
             buckets.append(Bucket(
                 params=[local(p) for p, _ in entries],
                 grads=[local(p.grad) for p, _ in entries],
-                exp_avgs=[local(state["exp_avg"]) for _, state in entries],
-                exp_avg_sqs=[local(state["exp_avg_sq"]) for _, state in entries],
+                exp_avgs=[local(exp_avg) for exp_avg, _ in moments],
+                exp_avg_sqs=[local(exp_avg_sq) for _, exp_avg_sq in moments],
                 masks=[self._core_mask(p, local(state["mask"])) for p, state in entries] if masked else None,
                 scalars=scalars,
             ))
             rules.append(rule)
             shard_groups.append(process_group)
-        return buckets, rules, shard_groups
+            bucket_states.append([state for _, state in entries])
+        return buckets, rules, shard_groups, bucket_states
 
     def _core_mask(self, p: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The mask as the core reads it: the bool mask itself, or for a compiled core a cached bfloat16 copy
@@ -451,7 +481,9 @@ class SPAM(ConfiguredOptimizer):
                 new_mask = shard_like(torch.rand(p.shape, device=p.device) < group["density"], p)
                 state["mask"] = new_mask
                 for key in ("exp_avg", "exp_avg_sq"):
-                    if key in state:
+                    if key in state and state[key].dtype == torch.uint8:
+                        store_moment(state, key, torch.where(new_mask, load_moment(state, key), 0.0))
+                    elif key in state:
                         state[key] = torch.where(new_mask, state[key], 0.0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -474,3 +506,4 @@ class SPAM(ConfiguredOptimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in saved:
                     state[key] = shard_like(saved[key].to(device=p.device, dtype=self._state_dtype(p), copy=True), p)
+            restore_8bit_state(state, saved, p.device)

@@ -29,6 +29,15 @@ from galore_torch.base import (
     validate_unit_interval,
     validate_variant,
 )
+from galore_torch.blockwise8bit import (
+    MIN_8BIT_SIZE,
+    first_moment_bound,
+    init_moments_8bit,
+    load_moments,
+    restore_8bit_state,
+    store_moments,
+    validate_state_bits,
+)
 from galore_torch.chunking import compile_core, merge_per_tensor, run_in_chunks
 from galore_torch.sharded import all_reduce_stacked, local, shard_group, shard_like
 
@@ -411,6 +420,10 @@ class StableSPAM(ConfiguredOptimizer):
         foreach: None or True; params are always updated as lists grouped by device and dtype.
         compile: run the update core through `torch.compile(fullgraph=True)`.
         fp32_state: keep moments and EMAs of bf16/fp16 params in float32 (the original keeps the param dtype).
+        state_bits: 8 stores exp_avg and exp_avg_sq of tensors with at least 4096 entries as blockwise 8-bit
+            codes (galore_torch.blockwise8bit), dequantized to the state dtype for each step's update and
+            requantized after it (compiled too with `compile`); 32 (default) keeps them as they are. Not for
+            sharded params.
     """
 
     def __init__(
@@ -432,6 +445,7 @@ class StableSPAM(ConfiguredOptimizer):
         foreach: bool | None = None,
         compile: bool = False,
         fp32_state: bool = False,
+        state_bits: int = 32,
     ):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "amsgrad": amsgrad,
                     "gamma1": gamma1, "gamma2": gamma2, "gamma3": gamma3, "total_T": total_T, "eta_min": eta_min,
@@ -440,7 +454,10 @@ class StableSPAM(ConfiguredOptimizer):
         if foreach not in (None, True):
             raise ValueError(f"invalid foreach: {foreach!r} (StableSPAM only has the multi-tensor "
                              "implementation; pass None or True)")
-        self._configure({"compile": compile, "fp32_state": fp32_state})
+        validate_state_bits(state_bits)
+        # state_bits only when 8, so that 32-bit optimizers carry (and pickle) the settings they always did
+        self._configure({"compile": compile, "fp32_state": fp32_state}
+                        | ({"state_bits": 8} if state_bits == 8 else {}))
         super().__init__(params, defaults)
         # Kept in the first group so that state_dict() carries it and `state` holds only per-param entries
         # (torch.distributed.checkpoint maps every state key to a param).
@@ -450,6 +467,7 @@ class StableSPAM(ConfiguredOptimizer):
         """Set the settings that are not hyper-parameters, and the core."""
         self.settings = settings
         self.fp32_state = settings["fp32_state"]
+        self.state_bits = settings.get("state_bits", 32)
         self._core: Callable[..., list[tuple[Tensors, Tensors]]] = update_buckets
         if settings["compile"]:
             self._core = compile_core(update_buckets)
@@ -487,6 +505,9 @@ class StableSPAM(ConfiguredOptimizer):
             raise ValueError("StableSPAM params are sharded over different process groups; shard them all "
                              "over one device mesh (one fully_shard mesh for the whole model)")
         results = self._run_core(buckets, rules, shard_groups.pop() if shard_groups else None)
+        for entries, bucket in zip(members, buckets):
+            store_moments([state for _, state, _ in entries], bucket.exp_avgs, bucket.exp_avg_sqs,
+                          self.settings["compile"])
         for entries, (thresholds, scales) in zip(members, results):
             for (p, state, _), threshold, norm_scale in zip(entries, thresholds, scales):
                 state["clip_threshold"] = threshold.to(self._state_dtype(p))
@@ -555,11 +576,14 @@ class StableSPAM(ConfiguredOptimizer):
         coefficients = torch.tensor(list(zip(*columns)), dtype=torch.promote_types(p.dtype, torch.float32),
                                     pin_memory=p.device.type == "cuda").to(p.device, non_blocking=True)
         states = [state for _, state, _ in entries]
+        # 8-bit moments: s_t scales beta1 down to eta_min * beta1, within the bound's range
+        moments = [load_moments(state, self._state_dtype(p), first_moment_bound(beta1, beta2),
+                                compile=self.settings["compile"]) for p, state, _ in entries]
         return Bucket(
             params=[local(p) for p, _, _ in entries],
             grads=[local(p.grad) for p, _, _ in entries],
-            exp_avgs=[local(state["exp_avg"]) for state in states],
-            exp_avg_sqs=[local(state["exp_avg_sq"]) for state in states],
+            exp_avgs=[local(exp_avg) for exp_avg, _ in moments],
+            exp_avg_sqs=[local(exp_avg_sq) for _, exp_avg_sq in moments],
             max_exp_avg_sqs=[local(state["max_exp_avg_sq"]) for state in states] if group["amsgrad"] else [],
             m_maxes=[state["m_max"] for state in states],
             m_norms=[state["m_norm"] for state in states],
@@ -576,10 +600,14 @@ class StableSPAM(ConfiguredOptimizer):
         state["step"] = 0
         if group["variant"] == "corrected":
             state["stat_step"] = 0
-        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        validate_state_bits(self.state_bits, sharded=shard_group(p) is not None)
+        if self.state_bits == 8 and p.numel() >= MIN_8BIT_SIZE:
+            init_moments_8bit(state, p)
+        else:
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         for key in ("m_max", "m_norm", "v_norm"):
             state[key] = torch.zeros((), dtype=dtype, device=p.device)
 
@@ -601,4 +629,5 @@ class StableSPAM(ConfiguredOptimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.is_floating_point():
                     state[key] = shard_like(value.to(device=p.device, dtype=self._state_dtype(p), copy=True), p)
+            restore_8bit_state(state, state_dict["state"].get(saved_id, {}), p.device)
 

@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     new.add_argument("--momentum_reset_gap", type=int, default=None,
                      help="galore_stablespam/galore_spam: momentum-reset period in the subspace (default: "
                           "--update_proj_gap, which there is the projection period)")
+    new.add_argument("--state_bits", type=int, default=32, choices=(8, 32),
+                     help="spam/stablespam: store Adam's moments blockwise 8-bit (8) or at full precision (32)")
     new.add_argument("--weight_format", type=str, default=None, choices=QUANT_FORMATS,
                      help="quantize projection weights in this format (instead of --act_quant/--fp4)")
     new.add_argument("--act_format", type=str, default=None, choices=QUANT_FORMATS,

@@ -101,4 +101,9 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
     elif args.optimizer_variant != "reference":
         raise ValueError(f"--optimizer_variant {args.optimizer_variant} does not apply to --optimizer "
                          f"{args.optimizer}; drop it")
+    if "state_bits" in inspect.signature(optimizer_class).parameters:
+        kwargs["state_bits"] = args.state_bits
+    elif args.state_bits != 32:
+        raise ValueError(f"--state_bits {args.state_bits} applies to spam and stablespam only (adamw8bit is 8-bit "
+                         f"already); drop it for --optimizer {args.optimizer}")
     return optimizer_class(params, **kwargs)
