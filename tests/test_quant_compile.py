@@ -4,16 +4,9 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
-from quantization import QuantConfig, QuantLinear, fake_quantize
+from quantization import W4A4_FORMATS, QuantLinear, fake_quantize
 
-CONFIGS = (
-    QuantConfig("int", bits=4, group_size=256, symmetric=False),
-    QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2),
-    QuantConfig("fp4_ref", topk=2),
-    QuantConfig("e2m1"),
-    QuantConfig("mxfp4"),
-    QuantConfig("nvfp4"),
-)
+CONFIGS = tuple(dict.fromkeys(config for pair in W4A4_FORMATS.values() for config in pair))  # each config once
 
 
 @pytest.fixture(autouse=True, scope="module")

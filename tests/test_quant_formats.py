@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-from quantization import QuantConfig, fake_quantize
+from quantization import W4A4_FORMATS, QuantConfig, fake_quantize
 from quantization.outliers import kth_largest
 
-INT_W = QuantConfig("int", bits=4, group_size=256, symmetric=False)
-INT_A = QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2)
-FP4_REF = QuantConfig("fp4_ref", topk=2)
+INT_W, INT_A = W4A4_FORMATS["int"]
+FP4_REF = W4A4_FORMATS["fp4_ref"][0]
 E2M1 = QuantConfig("e2m1")
 MXFP4 = QuantConfig("mxfp4")
 NVFP4 = QuantConfig("nvfp4")

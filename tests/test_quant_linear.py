@@ -6,17 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantization import LLAMA_PROJECTIONS, QuantConfig, QuantLinear, fake_quantize, quantize_linears
-
-W4A4 = {
-    "int": (
-        QuantConfig("int", bits=4, group_size=256, symmetric=False),
-        QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2),
-    ),
-    "fp4_ref": (QuantConfig("fp4_ref", topk=2),) * 2,
-    "e2m1": (QuantConfig("e2m1"),) * 2,
-    "mxfp4": (QuantConfig("mxfp4"),) * 2,
-    "nvfp4": (QuantConfig("nvfp4"),) * 2,
-}
+from quantization import W4A4_FORMATS as W4A4
 
 
 @pytest.fixture(autouse=True, scope="module")
