@@ -4,7 +4,7 @@ numeric formats and the papers' optimizer recipes as main_pretrain.py flags, and
 of a run. Standard library only (planning a run needs no torch); the bash launchers call it:
 
     python3 scripts/presets.py format int4
-    python3 scripts/presets.py optimizer stablespam --recipe 4bit --steps 20000 [--reset 500]
+    python3 scripts/presets.py optimizer stablespam --format int4 --steps 20000 [--reset 500]
     python3 scripts/presets.py optimizer spam --spam-code stablespam_repo
     python3 scripts/presets.py newest-checkpoint RUN_DIR     # its step, or nothing
 
@@ -99,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("format", help="a format's flags").add_argument("name", help=", ".join(FORMATS))
     optimizer = commands.add_parser("optimizer", help="an optimizer preset's flags", allow_abbrev=False)
     optimizer.add_argument("name", help=", ".join([*OPTIMIZERS, *STABLESPAM_PRESETS]))
-    optimizer.add_argument("--recipe", choices=tuple(STABLESPAM_GAMMAS), default="bf16",
-                           help="Stable-SPAM's gammas (default bf16)")
+    optimizer.add_argument("--format", choices=tuple(FORMATS), default=None,
+                           help="the run's format, which picks the recipe (4-bit formats: 4bit, others: bf16)")
+    optimizer.add_argument("--recipe", choices=tuple(STABLESPAM_GAMMAS), default=None,
+                           help="Stable-SPAM's gammas whatever the format")
     optimizer.add_argument("--steps", help="the run's update count (Stable-SPAM's total_T)")
     optimizer.add_argument("--reset", help="momentum-reset interval (spam, stablespam)")
     optimizer.add_argument("--spam-code", choices=tuple(SPAM_CODES), default="spam_repo",
@@ -118,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "format":
             print(shlex.join(format_flags(args.name)))
         elif args.command == "optimizer":
-            print(shlex.join(optimizer_flags(args.name, recipe=args.recipe, steps=args.steps, reset=args.reset,
+            recipe = args.recipe or recipe_of(args.format or "bf16")
+            print(shlex.join(optimizer_flags(args.name, recipe=recipe, steps=args.steps, reset=args.reset,
                                              spam_code=args.spam_code, lr_warmup=args.lr_warmup)))
         else:
             print(newest_checkpoint(args.run_dir))
