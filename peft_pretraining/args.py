@@ -284,7 +284,7 @@ def _validate(args: argparse.Namespace) -> None:
     _require(args.optimizer != "", "--optimizer: empty name; use e.g. adamw or stablespam")
     _require(not args.optimizer.startswith(UNSUPPORTED_OPTIMIZER_PREFIXES),
              f"--optimizer {args.optimizer}: GaLore/Q-GaLore optimizers are not supported by this toolkit; "
-             "use stablespam, spam, adam, adamw, adafactor, lion or sgd")
+             f"use one of {', '.join(sorted(OPTIMIZERS))}")
     _require(args.optimizer in OPTIMIZERS,
              f"--optimizer {args.optimizer}: unknown; use one of {', '.join(sorted(OPTIMIZERS))}")
     legacy_quant = args.act_quant or args.fp4

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from galore_torch import get_optimizer_class
+from galore_torch import OPTIMIZERS, get_optimizer_class
 
 
 def spam_param_groups(model: nn.Module, *, density: float, update_proj_gap: int) -> list[dict]:
@@ -57,6 +57,11 @@ def _fast_step_arguments(name: str, optimizer_class: type, compile_run: bool) ->
     return {}
 
 
+def _takes_variant(optimizer_class: type) -> bool:
+    """Whether the optimizer has a `variant` (reference or corrected numerics)."""
+    return "variant" in inspect.signature(optimizer_class).parameters
+
+
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """Construct `--optimizer` over the model's trainable parameters with the flags that apply to it."""
     name = args.optimizer.lower()
@@ -67,9 +72,10 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
         params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": args.lr, "weight_decay": args.weight_decay, **_EXTRA_ARGUMENTS.get(name, lambda _: {})(args)}
     kwargs |= _fast_step_arguments(name, optimizer_class, args.compile)
-    if "variant" in inspect.signature(optimizer_class).parameters:
+    if _takes_variant(optimizer_class):
         kwargs["variant"] = args.optimizer_variant
     elif args.optimizer_variant != "reference":
-        raise ValueError(f"--optimizer_variant {args.optimizer_variant} applies to spam and stablespam only; "
-                         f"drop it for --optimizer {args.optimizer}")
+        with_variants = [name for name, cls in OPTIMIZERS.items() if _takes_variant(cls)]
+        raise ValueError(f"--optimizer_variant {args.optimizer_variant} applies to {' and '.join(with_variants)} "
+                         f"only; drop it for --optimizer {args.optimizer}")
     return optimizer_class(params, **kwargs)
