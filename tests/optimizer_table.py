@@ -37,4 +37,4 @@ def make_optimizer(case: str, params, **overrides) -> torch.optim.Optimizer:
     """The optimizer of a table case (`name` or `name-compiled`) with its few-step arguments and `overrides`."""
     name = case.removesuffix(COMPILED_SUFFIX)
     compiled = {"compile": True} if case != name else {}
-    return get_optimizer_class(name)(params, **FEW_STEP_ARGUMENTS.get(name, {}), **compiled, **overrides)
+    return get_optimizer_class(name)(params, **{**FEW_STEP_ARGUMENTS.get(name, {}), **compiled, **overrides})
