@@ -9,13 +9,7 @@ from quantization import LLAMA_PROJECTIONS, QuantConfig, QuantLinear, fake_quant
 from quantization import W4A4_FORMATS as W4A4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and avoids OpenMP stalls when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def seeded(*shape, seed, dtype=torch.float32):
