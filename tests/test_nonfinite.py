@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import peft_pretraining
 import peft_pretraining.pretrain
@@ -25,19 +25,9 @@ from peft_pretraining.schedules import build_scheduler
 from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
 from optimizer_table import OUR_OPTIMIZERS, make_optimizer
+from tiny_run import micro_batches, tiny_model
 
 ONE_PROCESS = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-
-
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, pad_token_id=None, use_cache=False))
-
-
-def micro_batches(count: int) -> list[dict]:
-    ids = torch.randint(0, 64, (count, 2, 8), generator=torch.Generator().manual_seed(0))
-    return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
 
 
 def poison_gradient(param: nn.Parameter, backward_calls: set[int], value: float = float("nan")):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_pretraining
 from galore_torch.spam import SPAM
@@ -21,6 +20,7 @@ from peft_pretraining.metrics import RunLogger
 from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.throughput import MEASURED_KEYS
 from peft_pretraining.trainer import Trainer, TrainSettings, optimizer_metrics
+from tiny_run import micro_batches, tiny_model
 
 ONE_PROCESS = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 LLAMA_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
@@ -28,17 +28,6 @@ LLAMA_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 SPIKE_KEYS = {f"spikes/{kind}" for kind in LLAMA_TYPES} | {"spikes/total", "gss_max"}
 STABLESPAM_KEYS = {f"stablespam/{name}_{stat}" for name in ("clip_threshold", "norm_scale")
                    for stat in ("mean", "min", "max")}
-
-
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, pad_token_id=None, use_cache=False))
-
-
-def micro_batches(count: int) -> list[dict]:
-    ids = torch.randint(0, 64, (count, 2, 8), generator=torch.Generator().manual_seed(0))
-    return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
 
 
 def constant_schedule(optimizer):
