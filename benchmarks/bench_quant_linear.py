@@ -16,22 +16,10 @@ import time
 import torch
 from torch import nn
 
-from quantization import QuantConfig, QuantLinear
+from quantization import W4A4_FORMATS, QuantLinear
 
 # (in_features, out_features) of LLaMA-350M: attention projections, up/gate, down.
 SHAPES = ((1024, 1024), (1024, 2736), (2736, 1024))
-
-# Weight and activation config of each W4A4 format.
-FORMATS = {
-    "int": (
-        QuantConfig("int", bits=4, group_size=256, symmetric=False),
-        QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2),
-    ),
-    "fp4_ref": (QuantConfig("fp4_ref", topk=2),) * 2,
-    "e2m1": (QuantConfig("e2m1"),) * 2,
-    "mxfp4": (QuantConfig("mxfp4"),) * 2,
-    "nvfp4": (QuantConfig("nvfp4"),) * 2,
-}
 
 
 def parse_args() -> argparse.Namespace:
@@ -47,7 +35,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=15, help="timed calls per variant")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--formats", nargs="+", choices=tuple(FORMATS), default=tuple(FORMATS))
+    parser.add_argument("--formats", nargs="+", choices=tuple(W4A4_FORMATS), default=tuple(W4A4_FORMATS))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: process CPU time")
     return parser.parse_args()
@@ -67,7 +55,7 @@ def build_layers(shape, args, dtype) -> dict[str, nn.Module]:
     base = nn.Linear(in_features, out_features, device=args.device, dtype=dtype)
     layers = {"nn.Linear": base}
     for name in args.formats:
-        weight_config, activation_config = FORMATS[name]
+        weight_config, activation_config = W4A4_FORMATS[name]
         layers[name] = QuantLinear.from_linear(base, weight_config, activation_config)
     if args.compile:
         torch._dynamo.reset()  # all QuantLinears share one forward: stay under the recompile limit

@@ -36,14 +36,10 @@ from peft_pretraining.model import build_model, compile_layers, load_llama_confi
 from peft_pretraining.schedules import build_scheduler
 from peft_pretraining.throughput import model_flops_per_token
 from peft_pretraining.trainer import Trainer, TrainSettings
-from quantization import QuantConfig
+from quantization import W4A4_FORMATS
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_PROCESS = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-# The reference's --act_quant --weight_bits 4: INT4 weights (asymmetric, group 256) and activations
-# (symmetric, group 256, top-2 outliers kept).
-INT4_WEIGHTS = QuantConfig("int", bits=4, group_size=256, symmetric=False)
-INT4_ACTIVATIONS = QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2)
 SETTINGS = ("int4_stablespam", "fp32_adamw")
 
 
@@ -69,7 +65,9 @@ def make_batches(count: int, batch_size: int, max_length: int, vocab_size: int) 
 def build(setting: str, config, compiled: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The model and optimizer main_pretrain.py builds for `setting`, with or without --compile."""
     torch.manual_seed(0)
-    quant = (INT4_WEIGHTS, INT4_ACTIVATIONS) if setting == "int4_stablespam" else (None, None)
+    # The reference's --act_quant --weight_bits 4: INT4 weights (asymmetric, group 256) and activations
+    # (symmetric, group 256, top-2 outliers kept).
+    quant = W4A4_FORMATS["int"] if setting == "int4_stablespam" else (None, None)
     model, _ = build_model(config, dtype="float32", device=torch.device("cpu"), weight_quant=quant[0],
                            act_quant=quant[1])
     if compiled:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from galore_torch import StableSPAM
 from peft_pretraining.model import build_model, compile_layers, load_llama_config
-from quantization import QuantConfig
+from quantization import W4A4_FORMATS
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "llama_20m.json")
 
@@ -36,8 +36,7 @@ def main() -> None:
         config = load_llama_config(CONFIG, max_length=256)
         torch.manual_seed(0)
         model, _ = build_model(config, dtype="bfloat16", device=torch.device("cuda"),
-                               weight_quant=QuantConfig("int", bits=4, group_size=256, symmetric=False),
-                               act_quant=QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2))
+                               weight_quant=W4A4_FORMATS["int"][0], act_quant=W4A4_FORMATS["int"][1])
         compile_layers(model)
         wrapped = DistributedDataParallel(model, device_ids=[0])
         optimizer = StableSPAM(model.parameters(), lr=1e-3, compile=True)

@@ -468,6 +468,11 @@ class SPAM(ConfiguredOptimizer):
             whole = whole + sharded
         self.last_grad_norm = whole.sqrt()
 
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """What the last step measured, as 0-dim device tensors (no host sync): the post-clipping gradient
+        norm (`last_grad_norm`) under `spam/grad_norm_afterclip`; {} before the first step."""
+        return {} if self.last_grad_norm is None else {"spam/grad_norm_afterclip": self.last_grad_norm}
+
     def _refresh_masks(self) -> None:
         """New Bernoulli masks for every density param (group order); moments keep the entries in both masks."""
         for group in self.param_groups:

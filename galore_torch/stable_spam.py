@@ -523,6 +523,20 @@ class StableSPAM(ConfiguredOptimizer):
             return self._core(buckets, rules, shard_group)
         return run_in_chunks(self._core, buckets, rules, merge_per_tensor)
 
+    @torch.no_grad()
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """What the last step measured, as 0-dim device tensors (no host sync): AdaClip's threshold T and
+        AdaGN's scale c summarised over the params as `stablespam/{clip_threshold,norm_scale}_{mean,min,max}`;
+        {} before the first step."""
+        result = {}
+        for key in ("clip_threshold", "norm_scale"):
+            found = [state[key] for state in self.state.values() if key in state]
+            if found:
+                stacked = torch.stack([value.to(device=found[0].device, dtype=torch.float32) for value in found])
+                result |= {f"stablespam/{key}_mean": stacked.mean(), f"stablespam/{key}_min": stacked.amin(),
+                           f"stablespam/{key}_max": stacked.amax()}
+        return result
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Validate the group's own hyper-parameters, then add it."""
         validate_hyperparameters({**self.defaults, **param_group}, f"param group {len(self.param_groups)} ")

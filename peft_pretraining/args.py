@@ -18,7 +18,7 @@ import torch
 
 from galore_torch import OPTIMIZERS
 from galore_torch.galore_projector import PROJ_TYPES
-from quantization import FORMATS
+from quantization import FORMATS, REFERENCE_GROUP_SIZE, REFERENCE_TOPK
 
 DTYPE_ALIASES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32",
                  "bf16_mixed": "bf16_mixed"}
@@ -26,10 +26,9 @@ QUANT_FORMATS = FORMATS
 SCHEDULERS = ("linear", "cosine", "cosine_restarts")
 # GaLore / Q-GaLore optimizers: their attn/mlp matrices are trained in a rank-r subspace (docs/galore.md).
 GALORE_PREFIXES = ("galore", "q_galore")
-# The reference's group size and kept outliers for its INT and "fp4" paths. The block formats (e2m1, mxfp4,
-# nvfp4) default to their own block size (None lets the quantization package pick it) and keep no outliers.
-REFERENCE_GROUP_SIZE = 256
-REFERENCE_ACT_TOPK = 2
+# The reference's INT and "fp4" paths use quantization's REFERENCE_GROUP_SIZE and REFERENCE_TOPK. The block
+# formats (e2m1, mxfp4, nvfp4) default to their own block size (None lets the quantization package pick it)
+# and keep no outliers.
 _REFERENCE_STYLE_FORMATS = (None, "int", "fp4_ref")  # None: the --act_quant/--fp4 path
 _TOKEN_SUFFIXES = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 _FLOAT_FLAGS = ("lr", "min_lr_ratio", "weight_decay", "grad_clipping", "threshold", "density", "eta", "beta1",
@@ -128,16 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     add("--simulation", action="store_true", help="accepted; inert like in the reference")
     add("--weight_bits", type=int, default=8, help="INT bits for weights (and activations unless --act_bits)")
     add("--weight_group_size", type=int, default=None,
-        help="weight group size (default 256 for int/fp4_ref, the block size of e2m1/mxfp4/nvfp4)")
+        help=f"weight group size (default {REFERENCE_GROUP_SIZE} for int/fp4_ref, the block size of "
+             "e2m1/mxfp4/nvfp4)")
     add("--stochastic_round", action="store_true", help="stochastic rounding of INT activations")
     add("--act_quant", action="store_true", help="simulate INT weights and activations")
     add("--act_bits", type=int, default=None, help="INT activation bits (default --weight_bits)")
     add("--act_group_size", type=int, default=None,
         help="activation group size (default --weight_group_size, else as for weights)")
     add("--act_topk", type=int, default=None,
-        help="largest-|x| activations per group kept exact (default 2 for int/fp4_ref, 0 for e2m1/mx/nv)")
+        help=f"largest-|x| activations per group kept exact (default {REFERENCE_TOPK} for int/fp4_ref, 0 for "
+             "e2m1/mx/nv)")
     add("--act_stochastic", action="store_true", help="stochastic rounding of activations")
-    add("--fp4", action="store_true", help="simulate the reference 'fp4' (9-level grid, group 256, top-2)")
+    add("--fp4", action="store_true",
+        help=f"simulate the reference 'fp4' (9-level grid, group {REFERENCE_GROUP_SIZE}, top-{REFERENCE_TOPK})")
     add("--gamma1", type=float, default=0.85, help="StableSPAM AdaGN momentum")
     add("--gamma2", type=float, default=0.999, help="StableSPAM AdaGN second moment")
     add("--gamma3", type=float, default=0.999, help="StableSPAM AdaClip momentum")
@@ -254,7 +256,7 @@ def _resolve_defaults(args: argparse.Namespace) -> None:
     if args.act_group_size is None and args.act_format in _REFERENCE_STYLE_FORMATS:
         args.act_group_size = REFERENCE_GROUP_SIZE
     if args.act_topk is None:
-        args.act_topk = REFERENCE_ACT_TOPK if args.act_format in _REFERENCE_STYLE_FORMATS else 0
+        args.act_topk = REFERENCE_TOPK if args.act_format in _REFERENCE_STYLE_FORMATS else 0
     if args.restart_warmup_steps is None:
         args.restart_warmup_steps = args.warmup_steps
     if args.save_dir is None:

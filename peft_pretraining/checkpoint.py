@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import pickle
-import re
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,9 +36,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-CHECKPOINT_PREFIX = "model_"
+from peft_pretraining.checkpoint_layout import (  # re-exported: the layout is part of this module's interface
+    CHECKPOINT_PREFIX,
+    TRAINING_STATE_FILE,
+    checkpoint_path,
+    complete_checkpoints,
+)
+
 OPTIMIZER_FILE = "optimizer.pt"
-TRAINING_STATE_FILE = "training_state.json"  # written last: its presence marks a complete checkpoint
 CONFIG_FILE = "config.json"
 _WEIGHTS_FILE = "model.safetensors"
 _WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -61,23 +65,8 @@ class TrainingState:
     update_time: float = 0.0  # seconds of the last update
 
 
-def checkpoint_path(save_dir: str | Path, update_step: int) -> Path:
-    return Path(save_dir) / f"{CHECKPOINT_PREFIX}{update_step}"
-
-
 def rank_file(rank: int) -> str:
     return f"rank_{rank}.pt"
-
-
-def complete_checkpoints(root: str | Path) -> dict[int, Path]:
-    """step -> directory of every complete `root/model_<step>/` (half-written ones lack the marker)."""
-    root = Path(root)
-    found = {}
-    for child in (root.iterdir() if root.is_dir() else []):
-        match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", child.name)
-        if match and (child / TRAINING_STATE_FILE).is_file():
-            found[int(match.group(1))] = child
-    return dict(sorted(found.items()))
 
 
 # ---------------------------------------------------------------------------------------------------- save

@@ -18,13 +18,11 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.activations import ACT2FN
 
-from quantization import QuantConfig, quantize_linears, reference_configs
+from quantization import REFERENCE_TOPK, QuantConfig, quantize_linears, reference_configs
 
 # T5's 100 sentinel tokens sit above its 32000-piece vocabulary and never occur in ordinary text: the
 # reference trained t5-base with 32000-row configs, so ids past the vocab are tolerated only if they are these.
 _SENTINEL_TOKEN = re.compile(r"<extra_id_\d+>")
-# The reference "fp4" keeps the 2 largest-|x| entries of each group exact, for weights as for activations.
-REFERENCE_FP4_TOPK = 2
 # Graphs dynamo may keep per compiled function before it falls back to eager (its default is 8).
 LAYER_RECOMPILE_LIMIT = 64
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "bf16_mixed": torch.float32}
@@ -121,7 +119,7 @@ def quant_configs_from_args(args: argparse.Namespace) -> tuple[QuantConfig | Non
     if args.weight_format is not None:
         weight = _format_config("weight", args.weight_format, bits=args.weight_bits,
                                 group_size=args.weight_group_size, symmetric=False,
-                                topk=REFERENCE_FP4_TOPK if args.weight_format == "fp4_ref" else 0, stochastic=False)
+                                topk=REFERENCE_TOPK if args.weight_format == "fp4_ref" else 0, stochastic=False)
     if args.act_format is not None:
         act = _format_config("act", args.act_format, bits=args.act_bits, group_size=args.act_group_size,
                              symmetric=True, topk=args.act_topk, stochastic=stochastic_acts)

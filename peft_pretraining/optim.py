@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from galore_torch import get_optimizer_class
+from galore_torch import OPTIMIZERS, get_optimizer_class
 
 
 def matrix_param_groups(model: nn.Module, **settings) -> list[dict]:
@@ -84,6 +84,11 @@ def _fast_step_arguments(name: str, optimizer_class: type, compile_run: bool) ->
     return {}
 
 
+def _takes_variant(optimizer_class: type) -> bool:
+    """Whether the optimizer has a `variant` (reference or corrected numerics)."""
+    return "variant" in inspect.signature(optimizer_class).parameters
+
+
 def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
     """Construct `--optimizer` over the model's trainable parameters with the flags that apply to it."""
     name = args.optimizer.lower()
@@ -96,11 +101,12 @@ def build_optimizer(model: nn.Module, args: argparse.Namespace) -> torch.optim.O
         params = [p for p in model.parameters() if p.requires_grad]
     kwargs = {"lr": args.lr, "weight_decay": args.weight_decay, **_EXTRA_ARGUMENTS.get(name, lambda _: {})(args)}
     kwargs |= _fast_step_arguments(name, optimizer_class, args.compile)
-    if "variant" in inspect.signature(optimizer_class).parameters:
+    if _takes_variant(optimizer_class):
         kwargs["variant"] = args.optimizer_variant
     elif args.optimizer_variant != "reference":
-        raise ValueError(f"--optimizer_variant {args.optimizer_variant} does not apply to --optimizer "
-                         f"{args.optimizer}; drop it")
+        with_variants = [name for name, cls in OPTIMIZERS.items() if _takes_variant(cls)]
+        raise ValueError(f"--optimizer_variant {args.optimizer_variant} applies to {' and '.join(with_variants)} "
+                         f"only; drop it for --optimizer {args.optimizer}")
     if "state_bits" in inspect.signature(optimizer_class).parameters:
         kwargs["state_bits"] = args.state_bits
     elif args.state_bits != 32:

@@ -1,5 +1,7 @@
-"""One training run composed from the pieces: flags -> process group -> tokenizer, data, model, optimizer,
-schedule -> (resume) -> DDP -> train -> final evaluation. `main` is the command line's error boundary."""
+"""One training run composed from the pieces, in explicit build steps (`_prepare`): flags -> process group ->
+inputs (model config, quantization, data source, tokenizer) -> model -> optimizer and schedule -> checkpointer
+(resume) -> training data stream -> trainer (DDP) -> train -> final evaluation. `main` is the command line's
+error boundary."""
 
 import argparse
 import contextlib
@@ -9,7 +11,7 @@ import os
 import random
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,18 +19,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
+from transformers import LlamaConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from peft_pretraining.args import flag_warnings, one_line, parse_args, resolve_batch_arithmetic
-from peft_pretraining.checkpoint import (
-    TrainingState,
-    find_checkpoint,
-    load_checkpoint,
-    load_rank_state,
-    rank_file,
-    save_checkpoint,
-)
+from peft_pretraining.checkpoint import TrainingState
+from peft_pretraining.checkpointer import Checkpointer, Resumed
 from peft_pretraining.data import (
+    DatasetSource,
     ResumableBatches,
     build_eval_dataloader,
     build_resumable_train_batches,
@@ -56,11 +54,11 @@ from peft_pretraining.model import (
 )
 from peft_pretraining.optim import build_optimizer
 from peft_pretraining.preflight import check_run_inputs
-from peft_pretraining.rng import capture_rng_state, check_rng_state, restore_rng_state
 from peft_pretraining.schedules import build_scheduler
 from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.throughput import model_flops_per_token, peak_tflops
 from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
+from quantization import QuantConfig
 
 # The reference shuffles C4 with a fixed seed whatever --seed is (docs/algorithms.md#g1-5): runs with different
 # --seed values differ in initialisation, not in data order.
@@ -141,7 +139,46 @@ def _as_usage_error():
 
 
 def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
-    """Everything before the first update; cheap checks first so user mistakes fail fast."""
+    """Everything before the first update, one build step after the other, each taking what the steps before
+    returned; cheap checks first so user mistakes fail fast, and every check before the run's first write."""
+    inputs = _build_inputs(args, ctx, argv)
+    model, quantized = _build_model(args, ctx, inputs)
+    optimizer, scheduler = _build_optimizer_and_scheduler(args, model)
+    run_config = {**vars(args), "max_lr": args.lr, "total_params_M": round(count_parameters(model)[0] / 1e6, 2),
+                  "world_size": ctx.world_size, "device": str(ctx.device), "quantized_layers": len(quantized),
+                  "model": json.loads(inputs.config.to_json_string())}
+    checkpointer = Checkpointer(args.save_dir, model=model, optimizer=optimizer, scheduler=scheduler, ctx=ctx,
+                                run_config=run_config, keep_last=args.keep_last)
+    resumed = checkpointer.load(args.continue_from, resume_step=args.resume_step,
+                                restore_optimizer=args.restore_optimizer)
+    train_batches = _build_train_batches(args, ctx, inputs, resumed)
+    # The monitor's sums are the same on every rank (gradients are all-reduced) and only rank 0 logs.
+    spike_monitor = (GradientSpikeMonitor(model.named_parameters(), threshold=args.spike_threshold,
+                                          every=args.spike_every) if args.spike_monitor and ctx.is_main else None)
+    checkpointer.check_resumable(resumed, spike_monitor)
+    logger = _start_logging(args, ctx, run_config, argv,
+                            resumed_step=resumed.state.update_step if args.continue_from is not None else None)
+    evaluate_now = _build_evaluation(args, ctx, inputs, model)
+    trainer = _build_trainer(args, ctx, inputs, model, optimizer, scheduler, train_batches, logger, resumed.state,
+                             evaluate_now, checkpointer.save, spike_monitor)
+    checkpointer.track(batches=train_batches, trainer=trainer)
+    checkpointer.restore_loop(resumed, trainer)
+    return _PreparedRun(args=args, ctx=ctx, model=model, trainer=trainer, logger=logger, evaluate_now=evaluate_now)
+
+
+@dataclass
+class _Inputs:
+    """What the flags resolve to before the model exists: its config, the quantization, the data and tokenizer."""
+
+    config: LlamaConfig
+    weight_quant: QuantConfig | None
+    act_quant: QuantConfig | None
+    source: DatasetSource
+    tokenizer: PreTrainedTokenizerBase
+
+
+def _build_inputs(args, ctx: DistributedContext, argv: list[str]) -> _Inputs:
+    """Read and check every input the run names (nothing is written yet), and load the tokenizer."""
     hf_logging.disable_progress_bar()
     for note in accelerate_launch_notes(dict(os.environ)):
         print0(ctx, f"note: {note}")
@@ -153,30 +190,59 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
     check_run_inputs(args, source)  # before anything is written
     tokenizer = load_tokenizer(args.tokenizer, args.max_length)
     apply_tokenizer(config, tokenizer)
+    return _Inputs(config=config, weight_quant=weight_quant, act_quant=act_quant, source=source,
+                   tokenizer=tokenizer)
 
-    model, quantized = _build_seeded_model(args, ctx, config, weight_quant, act_quant)
+
+def _build_model(args, ctx: DistributedContext, inputs: _Inputs) -> tuple[nn.Module, list]:
+    """Seed every RNG like the reference (same seed on all ranks), build, print the parameter count, then shard
+    (FSDP2, in place, before the optimizer takes the parameters) and compile by layer."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, quantized = build_model(inputs.config, dtype=args.dtype, device=ctx.device,
+                                   weight_quant=inputs.weight_quant, act_quant=inputs.act_quant,
+                                   activation_checkpointing=args.activation_checkpointing)
+    total_params, trainable_params = count_parameters(model)
+    print0(ctx, f"Total params: {total_params / 1e6:.2f}M")
+    print0(ctx, f"Trainable params: {trainable_params / 1e6:.2f}M")
+    if quantized:
+        print0(ctx, f"Quantized layers: {len(quantized)} (weights: {inputs.weight_quant}, activations: "
+                    f"{inputs.act_quant})")
     if args.fsdp:
-        shard_model(model, ctx, args.fsdp_param_dtype)  # in place, before the optimizer takes the parameters
+        shard_model(model, ctx, args.fsdp_param_dtype)
     if args.compile:
         print0(ctx, f"Compiling {compile_layers(model)} decoder layers (each on its own) and the optimizer step")
+    return model, quantized
+
+
+def _build_optimizer_and_scheduler(args, model: nn.Module) -> tuple[torch.optim.Optimizer,
+                                                                    torch.optim.lr_scheduler.LRScheduler]:
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args.scheduler, num_training_steps=args.num_training_steps,
                                 warmup_steps=args.warmup_steps, min_lr_ratio=args.min_lr_ratio,
                                 cycle_length=args.cycle_length, restart_warmup_steps=args.restart_warmup_steps)
-    resumed = _resume(args, ctx, model, optimizer, scheduler)
-    state = resumed.state
+    return optimizer, scheduler
 
-    run_config = {**vars(args), "max_lr": args.lr, "total_params_M": round(count_parameters(model)[0] / 1e6, 2),
-                  "world_size": ctx.world_size, "device": str(ctx.device), "quantized_layers": len(quantized),
-                  "model": json.loads(config.to_json_string())}
-    save_dir = Path(args.save_dir)
-    autocast_dtype = torch.bfloat16 if args.dtype == "bf16_mixed" else None
 
+def _build_train_batches(args, ctx: DistributedContext, inputs: _Inputs, resumed: Resumed) -> ResumableBatches:
+    """A resumed run continues each worker's stream where the checkpoint left it: nothing is trained on twice
+    (the reference re-read and skipped every consumed batch, plus one more)."""
+    return build_resumable_train_batches(inputs.source, inputs.tokenizer, max_length=args.max_length,
+                                         batch_size=args.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+                                         num_workers=args.workers, seed=DATA_SHUFFLE_SEED, packing=args.packing,
+                                         state=resumed.data_state, state_file=resumed.rank_file,
+                                         notify=tqdm.write if ctx.is_main else None)  # above the bar
+
+
+def _build_evaluation(args, ctx: DistributedContext, inputs: _Inputs, model: nn.Module) -> Callable[[], dict]:
+    """The evaluation hook: a fresh pass over the validation data each call; warns once if it is small."""
+    autocast_dtype = _autocast_dtype(args)
     small_eval_said = False
 
     def evaluate_now() -> dict:
         nonlocal small_eval_said
-        batches = build_eval_dataloader(source, tokenizer, max_length=args.max_length,
+        batches = build_eval_dataloader(inputs.source, inputs.tokenizer, max_length=args.max_length,
                                         batch_size=args.batch_size, rank=ctx.rank, world_size=ctx.world_size,
                                         num_workers=args.workers, seed=DATA_SHUFFLE_SEED)
         result = evaluate(model, batches, max_tokens=args.eval_tokens, ctx=ctx, autocast_dtype=autocast_dtype)
@@ -188,100 +254,32 @@ def _prepare(args, ctx: DistributedContext, argv: list[str]) -> _PreparedRun:
                         "number) reads far below it; add a *validation* file with more text")
         return result.as_metrics("eval")
 
-    def save(training_state: TrainingState) -> None:
-        # Every rank: the state gathering is collective, and each rank writes its own data position and RNG.
-        save_checkpoint(save_dir, model=model, optimizer=optimizer, scheduler=scheduler, state=training_state,
-                        run_config=run_config, keep_last=args.keep_last,
-                        rank_state={"data": train_batches.state_dict(), "rng": capture_rng_state(model),
-                                    "trainer": trainer.extra_state()})
+    return evaluate_now
 
-    # A resumed run continues each worker's stream where the checkpoint left it: nothing is trained on twice
-    # (the reference re-read and skipped every consumed batch, plus one more).
-    train_batches = build_resumable_train_batches(source, tokenizer, max_length=args.max_length,
-                                                  batch_size=args.batch_size, rank=ctx.rank,
-                                                  world_size=ctx.world_size, num_workers=args.workers,
-                                                  seed=DATA_SHUFFLE_SEED, packing=args.packing,
-                                                  state=resumed.data_state, state_file=resumed.rank_file,
-                                                  notify=tqdm.write if ctx.is_main else None)  # above the bar
-    # The monitor's sums are the same on every rank (gradients are all-reduced) and only rank 0 logs.
-    spike_monitor = (GradientSpikeMonitor(model.named_parameters(), threshold=args.spike_threshold,
-                                          every=args.spike_every) if args.spike_monitor and ctx.is_main else None)
-    _check_resumable(resumed, model, spike_monitor)
-    logger = _start_logging(args, ctx, run_config, argv,
-                            resumed_step=state.update_step if args.continue_from is not None else None)
 
-    wrapped = model  # FSDP2 wrapped the model in place
+def _autocast_dtype(args) -> torch.dtype | None:
+    return torch.bfloat16 if args.dtype == "bf16_mixed" else None
+
+
+def _build_trainer(args, ctx: DistributedContext, inputs: _Inputs, model: nn.Module,
+                   optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                   batches: ResumableBatches, logger: RunLogger, state: TrainingState,
+                   evaluate_now: Callable[[], dict], save: Callable[[TrainingState], object],
+                   spike_monitor: GradientSpikeMonitor | None) -> Trainer:
+    """Wrap the model for data parallelism (DDP; FSDP2 wrapped it in place) and set the loop's cadence."""
+    wrapped = model
     if ctx.is_distributed and not args.fsdp:
         wrapped = DistributedDataParallel(model, device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
     settings = TrainSettings(num_training_steps=args.num_training_steps,
                              accumulation_steps=args.gradient_accumulation, total_batch_size=args.total_batch_size,
                              grad_clipping=args.grad_clipping, eval_every=args.eval_every,
-                             save_every=args.save_every, autocast_dtype=autocast_dtype,
+                             save_every=args.save_every, autocast_dtype=_autocast_dtype(args),
                              max_skipped_updates=args.max_skipped_updates,
-                             flops_per_token=model_flops_per_token(config, args.max_length),
+                             flops_per_token=model_flops_per_token(inputs.config, args.max_length),
                              peak_tflops=peak_tflops(ctx.device, args.peak_tflops), compiled=args.compile)
-    trainer = Trainer(model=wrapped, optimizer=optimizer, scheduler=scheduler, batches=train_batches,
-                      settings=settings, ctx=ctx, logger=logger, state=state, evaluate=evaluate_now, save=save,
-                      spike_monitor=spike_monitor)
-    trainer.load_extra_state(resumed.trainer_state)
-    if resumed.rng_state is not None:
-        # Last: setup above may draw random numbers (and torch's optimizer-state loader may step once).
-        restore_rng_state(model, resumed.rng_state, source=resumed.rank_file)
-    return _PreparedRun(args=args, ctx=ctx, model=model, trainer=trainer, logger=logger, evaluate_now=evaluate_now)
-
-
-def _check_resumable(resumed: "_Resumed", model: nn.Module, spike_monitor: GradientSpikeMonitor | None) -> None:
-    """What is restored only after the run's first writes must be known to fit before them."""
-    if resumed.rng_state is not None:
-        check_rng_state(model, resumed.rng_state, source=resumed.rank_file)
-    monitor_state = resumed.trainer_state.get("spike_monitor")
-    if spike_monitor is not None and monitor_state is not None:
-        try:
-            spike_monitor.check_state_dict(monitor_state)
-        except ValueError as err:
-            raise ValueError(f"{resumed.rank_file}: {err}") from err
-
-
-def _build_seeded_model(args, ctx: DistributedContext, config, weight_quant, act_quant) -> tuple[nn.Module, list]:
-    """Seed every RNG like the reference (same seed on all ranks), build, and print the parameter count."""
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    model, quantized = build_model(config, dtype=args.dtype, device=ctx.device, weight_quant=weight_quant,
-                                   act_quant=act_quant, activation_checkpointing=args.activation_checkpointing)
-    total_params, trainable_params = count_parameters(model)
-    print0(ctx, f"Total params: {total_params / 1e6:.2f}M")
-    print0(ctx, f"Trainable params: {trainable_params / 1e6:.2f}M")
-    if quantized:
-        print0(ctx, f"Quantized layers: {len(quantized)} (weights: {weight_quant}, activations: {act_quant})")
-    return model, quantized
-
-
-@dataclass
-class _Resumed:
-    """What --continue_from restores beyond the weights: counters, this rank's data position and RNG states."""
-
-    state: TrainingState
-    data_state: dict | None = None
-    rng_state: dict | None = None
-    rank_file: str = ""
-    trainer_state: dict = field(default_factory=dict)  # Trainer.extra_state(): skip count, spike monitor
-
-
-def _resume(args, ctx: DistributedContext, model, optimizer, scheduler) -> _Resumed:
-    """Weights, counters, data position and RNG from --continue_from; optimizer and schedule only with
-    --restore_optimizer (without it the run restarts warm-up with fresh optimizer state, so it is not exact)."""
-    if args.continue_from is None:
-        return _Resumed(TrainingState())
-    checkpoint = find_checkpoint(args.continue_from, args.resume_step)
-    restore = args.restore_optimizer
-    state = load_checkpoint(checkpoint, model=model, optimizer=optimizer if restore else None,
-                            scheduler=scheduler if restore else None)
-    saved = load_rank_state(checkpoint, ctx.rank, ctx.world_size)
-    print0(ctx, f"Resumed from {checkpoint} at update {state.update_step}"
-                f"{' with optimizer state' if restore else ' (fresh optimizer and schedule)'}")
-    return _Resumed(state, data_state=saved["data"], rng_state=saved["rng"],
-                    rank_file=str(checkpoint / rank_file(ctx.rank)), trainer_state=saved.get("trainer", {}))
+    return Trainer(model=wrapped, optimizer=optimizer, scheduler=scheduler, batches=batches, settings=settings,
+                   ctx=ctx, logger=logger, state=state, evaluate=evaluate_now, save=save,
+                   spike_monitor=spike_monitor)
 
 
 def _start_logging(args, ctx: DistributedContext, run_config: dict, argv: list[str],

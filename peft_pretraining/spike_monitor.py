@@ -1,4 +1,4 @@
-"""Gradient-spike monitoring on the device: SPAM's Gradient Spike Score and StableSPAM's clipping statistics.
+"""Gradient-spike monitoring on the device: SPAM's Gradient Spike Score.
 
 The Gradient Spike Score of SPAM (arXiv 2501.06842) of one gradient element is its magnitude over the mean
 magnitude of that element so far, the current step included:
@@ -12,15 +12,14 @@ threshold of 50 can fire only from the 51st observation on (step 51*k). The firs
 nonzero element exactly 1; an element whose running mean is 0 scores 0.
 
 Use in the training loop (the values stay 0-dim device tensors; convert them to floats together with the
-loop's other logged values, one host sync per update):
+loop's other logged values, one host sync per update; the optimizers' own statistics come from their
+`metrics()`, not from here):
 
     monitor = GradientSpikeMonitor(model.named_parameters(), threshold=50.0, every=10)
     ...                                         # backward of the update's last micro-batch
     spikes = monitor.observe(step)              # step: the 1-based number this update is logged under;
                                                 # {} unless step % every == 0. Before clipping.
     ...                                         # clip, optimizer.step()
-    if spikes:
-        spikes |= optimizer_spike_stats(optimizer)
     names, values = list(spikes), torch.stack([v.float() for v in spikes.values()]).tolist()
     checkpoint["spike_monitor"] = monitor.state_dict()          # and monitor.load_state_dict(...) on resume
 
@@ -190,32 +189,3 @@ class GradientSpikeMonitor:
                 raise ValueError(f"spike monitor state for {name} has shape {tuple(abs_sum.shape)}, the "
                                  f"parameter {tuple(tracked.abs_sum.shape)}; resume with the same model config")
 
-
-@torch.no_grad()
-def optimizer_spike_stats(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """StableSPAM's adaptive clipping and norm scaling, and SPAM's post-clipping norm, as 0-dim device tensors.
-
-    Reads what the optimizers leave for monitoring: the per-param `clip_threshold` (AdaClip's T) and
-    `norm_scale` (AdaGN's c) in `optimizer.state[p]` (StableSPAM), summarised as
-    `stablespam/{clip_threshold,norm_scale}_{mean,min,max}` over the params that have them, and
-    `optimizer.last_grad_norm` (SPAM) as `spam/last_grad_norm`. Keys whose source is absent are left out
-    (any other optimizer gives {}). Never synchronises with the device.
-    """
-    values: dict[str, list[torch.Tensor]] = {"clip_threshold": [], "norm_scale": []}
-    for state in optimizer.state.values():
-        for key, found in values.items():
-            if key in state:
-                found.append(torch.as_tensor(state[key]))
-    result = {}
-    for key, found in values.items():
-        if not found:
-            continue
-        device = found[0].device
-        stacked = torch.stack([value.to(device=device, dtype=torch.float32) for value in found])
-        result[f"stablespam/{key}_mean"] = stacked.mean()
-        result[f"stablespam/{key}_min"] = stacked.amin()
-        result[f"stablespam/{key}_max"] = stacked.amax()
-    last_grad_norm = getattr(optimizer, "last_grad_norm", None)
-    if last_grad_norm is not None:
-        result["spam/last_grad_norm"] = torch.as_tensor(last_grad_norm).float()
-    return result

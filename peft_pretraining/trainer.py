@@ -18,9 +18,12 @@ of the last applied update) is checkpointed through `save` unless that update wa
 `{"step", "diverged": true, "skipped_in_a_row"}` is logged, then NonFiniteLossError is raised.
 
 Host syncs: one per update, before the optimizer step (the skip decision needs it); micro-batches never wait
-for the device. Values that exist only after the step (SPAM's post-clip norm, the spike monitor's scores and
-StableSPAM's clipping statistics) are converted in the next update's sync, so such an update's log line is
-written one update late (or before the eval/save hooks, and at the end).
+for the device. Values that exist only after the step (the spike monitor's scores and the optimizer's own
+statistics, `optimizer.metrics()` where it has that method) are converted in the next update's sync, so such an
+update's log line is written one update late (or before the eval/save hooks, and at the end).
+
+`grad_norm` is the global gradient norm before clipping and `grad_norm_afterclip` the one after our
+`grad_clipping`, for every optimizer; an optimizer's own measurements carry its prefix (`spam/...`).
 """
 
 import contextlib
@@ -37,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 from peft_pretraining.checkpoint import TrainingState
 from peft_pretraining.distributed import DistributedContext, all_reduce_sum, print0
 from peft_pretraining.metrics import RunLogger
-from peft_pretraining.spike_monitor import GradientSpikeMonitor, optimizer_spike_stats
+from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.throughput import peak_memory_gb, throughput_values
 
 
@@ -69,12 +72,19 @@ class _PendingLine:
     device_values: dict[str, torch.Tensor]
 
 
+def optimizer_metrics(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's statistics of its last step (0-dim device tensors) if it measures any: the one optional
+    method `metrics()` of the optimizer protocol; torch's optimizers have none."""
+    metrics = getattr(optimizer, "metrics", None)
+    return metrics() if metrics is not None else {}
+
+
 class Trainer:
     """Runs updates from `state` to `settings.num_training_steps` over any iterable of batches
     ({"input_ids", "attention_mask"} on the host). Evaluation and checkpointing are the caller's hooks, called
     every `eval_every` / `save_every` updates (and `save` once more at the end, or when non-finite updates stop
     the run); the final evaluation is the caller's too. `spike_monitor`, if given, observes the gradients of
-    applied updates before clipping; its scores and `optimizer_spike_stats` join the update's log line."""
+    applied updates before clipping; its scores and `optimizer.metrics()` join the update's log line."""
 
     def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, batches: Iterable[dict],
@@ -221,16 +231,10 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if device_values:
-            device_values |= optimizer_spike_stats(self.optimizer)
-        spam_norm = getattr(self.optimizer, "last_grad_norm", None)  # SPAM's norm after its own clipping
-        if spam_norm is not None:
-            device_values["grad_norm_afterclip"] = spam_norm
+        device_values |= optimizer_metrics(self.optimizer)
         self._record_update(tokens, time.perf_counter() - started)
         self._report_first_update()
-        values = self._update_values(loss, norm, lr, positions)
-        if spam_norm is None:
-            values["grad_norm_afterclip"] = clipped_norm
+        values = self._update_values(loss, norm, clipped_norm, lr, positions)
         if device_values:
             self._pending = _PendingLine(step=self.state.update_step, values=values, device_values=device_values)
         else:
@@ -299,7 +303,8 @@ class Trainer:
             print0(self.ctx, f"update {self.state.update_step} took {self.state.update_time:.1f} s "
                              "(the first of this process: includes torch.compile's compilation)")
 
-    def _update_values(self, loss: float, grad_norm: float, lr: float, positions: int) -> dict[str, float]:
+    def _update_values(self, loss: float, grad_norm: float, clipped_norm: float, lr: float,
+                       positions: int) -> dict[str, float]:
         """The update's log line (host values only). `lr` is the rate the update used; throughput figures
         are over all ranks (tokens/s) or per device (TFLOP/s, MFU); see peft_pretraining.throughput."""
         state, seconds, settings = self.state, self.state.update_time, self.settings
@@ -311,6 +316,7 @@ class Trainer:
             "throughput_examples": self.settings.total_batch_size / seconds,
             "throughput_batches": self.settings.accumulation_steps * self.ctx.world_size / seconds,
             "grad_norm": grad_norm,
+            "grad_norm_afterclip": clipped_norm,
             "skipped_updates": self.skipped_updates,
             **throughput_values(positions=positions, seconds=seconds, world_size=self.ctx.world_size,
                                 flops_per_token=settings.flops_per_token, peak=settings.peak_tflops),

@@ -10,9 +10,13 @@ FORMATS: tuple[str, ...] = get_args(Format)
 # the others use blocks along the last (reduction) dimension, as hardware block formats do.
 FLAT_GROUP_FORMATS = ("int", "fp4_ref")
 
-# The natural group/block size of each format: the reference's 256 for its INT and "FP4" paths, the OCP MX
+# The reference's group size and kept outliers (largest-|x| entries per group) for its INT and "FP4" paths.
+REFERENCE_GROUP_SIZE = 256
+REFERENCE_TOPK = 2
+# The natural group/block size of each format: the reference's for its INT and "FP4" paths, the OCP MX
 # block of 32 (also used for plain E2M1 with an fp32 scale), and the NVFP4 block of 16.
-DEFAULT_GROUP_SIZE = {"int": 256, "fp4_ref": 256, "e2m1": 32, "mxfp4": 32, "nvfp4": 16}
+DEFAULT_GROUP_SIZE = {"int": REFERENCE_GROUP_SIZE, "fp4_ref": REFERENCE_GROUP_SIZE, "e2m1": 32, "mxfp4": 32,
+                      "nvfp4": 16}
 # Block sizes fixed by the format's definition.
 REQUIRED_GROUP_SIZE = {"mxfp4": 32, "nvfp4": 16}
 

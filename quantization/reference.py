@@ -1,9 +1,6 @@
 """The reference CLI's quantisation flags as configs (docs/algorithms.md#c1: what its flags effectively did)."""
 
-from quantization.config import QuantConfig
-
-REFERENCE_TOPK = 2
-FP4_REF_GROUP_SIZE = 256  # the reference's "fp4" ignores --weight_group_size
+from quantization.config import REFERENCE_GROUP_SIZE, REFERENCE_TOPK, QuantConfig
 
 
 def reference_configs(
@@ -18,7 +15,7 @@ def reference_configs(
     --act_* flags were dead). Neither flag: nothing is quantised.
     """
     if fp4:
-        config = QuantConfig("fp4_ref", bits=4, group_size=FP4_REF_GROUP_SIZE, topk=REFERENCE_TOPK)
+        config = QuantConfig("fp4_ref", bits=4, group_size=REFERENCE_GROUP_SIZE, topk=REFERENCE_TOPK)
         return config, config
     if act_quant:
         weight = QuantConfig("int", bits=weight_bits, group_size=weight_group_size, symmetric=False)

@@ -54,30 +54,19 @@ COMMON=(--model_config "$ROOT/configs/llama_9m.json" --dataset sample --batch_si
         --warmup_steps "$WARMUP" --num_training_steps "$STEPS" --eval_every $((STEPS / 3))
         --save_every 1000000 --eval_tokens 1000000 --workers 0 --unset_wandb)
 
-# The papers' optimizer settings (Stable-SPAM 4-bit recipe; SPAM's scripts). Their reset intervals (500)
-# are longer than these runs, so no momentum reset happens here.
+# The presets of scripts/presets.py (shared with the paper launcher and the sweep): the Stable-SPAM 4-bit
+# recipe for every format, SPAM's scripts' threshold, and the W4A4 formats the original code effectively ran
+# (groups of 256, round-to-nearest). The momentum resets every 500 updates, longer than these runs, so no
+# reset happens, except in the *_reset25 runs.
+presets() { python3 "$ROOT/scripts/presets.py" "$@"; }
 optimizer_flags() {
   case $1 in
-    adam) echo "--optimizer adam" ;;
-    adam_clip) echo "--optimizer adam --grad_clipping 1.0" ;;
-    spam) echo "--optimizer spam --density 1.0 --threshold 5000 --update_proj_gap 500" ;;
-    stablespam) echo "--optimizer stablespam --gamma1 0.7 --gamma2 0.9 --gamma3 0.999 --update_proj_gap 500 --total_T $STEPS --eta 0.5" ;;
-    stablespam_corrected) echo "$(optimizer_flags stablespam) --optimizer_variant corrected" ;;
-    stablespam_reset25) echo "$(optimizer_flags stablespam) --update_proj_gap 25" ;;
-    stablespam_corrected_reset25) echo "$(optimizer_flags stablespam_corrected) --update_proj_gap 25" ;;
-    *) echo "mini_paper.sh: unknown optimizer preset $1" >&2; return 1 ;;
+    *_reset25) presets optimizer "${1%_reset25}" --recipe 4bit --steps "$STEPS" --reset 25 ;;
+    stablespam*) presets optimizer "$1" --recipe 4bit --steps "$STEPS" --reset 500 ;;
+    *) presets optimizer "$1" --recipe 4bit --steps "$STEPS" ;;
   esac
 }
-
-# What the original code effectively ran: W4A4 with groups of 256, round-to-nearest (docs/algorithms.md#c1).
-format_flags() {
-  case $1 in
-    fp32) echo "" ;;
-    int4) echo "--weight_quant --simulation --weight_bits 4 --weight_group_size 256 --act_quant" ;;
-    fp4) echo "--weight_quant --simulation --weight_bits 4 --weight_group_size 256 --fp4" ;;
-    *) echo "mini_paper.sh: unknown format $1" >&2; return 1 ;;
-  esac
-}
+format_flags() { presets format "$1"; }
 
 # Seed-major, with the learning-rate sweep right after the first seed, so a cut-short run still has every
 # setting once.
@@ -125,7 +114,7 @@ finished() {
   for dir in "$@"; do if is_finished "$dir"; then echo "$dir"; fi; done
 }
 
-export -f run_one optimizer_flags format_flags is_finished
+export -f run_one presets optimizer_flags format_flags is_finished
 export ROOT RUNS PYTHON STEPS BASE_LR DRY_RUN
 export COMMON_LINE="${COMMON[*]}"
 

@@ -10,6 +10,7 @@ stopped it and logged `diverged`, or a loss is non-finite: a result, not a failu
 run with a checkpoint is continued from it (`--continue_from <run dir> --restore_optimizer`; main_pretrain drops
 its metrics after that checkpoint, as they are logged again); anything else starts from scratch. Each run's
 output is appended to `<run dir>/sweep.log`.
+The format and optimizer presets are scripts/presets.py's, shared with the paper launcher and the mini-paper.
 Standard library only; the runs start with the Python that runs the sweep, unless --launcher says otherwise.
 """
 
@@ -25,36 +26,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by file path
+from presets import (  # noqa: E402  (after the path fix)
+    FORMATS,
+    OPTIMIZERS,
+    STABLESPAM_PRESETS,
+    complete_checkpoints,
+    optimizer_flags as preset_flags,
+    recipe_of,
+)
+
 ENTRY_POINT = Path(__file__).resolve().parents[1] / "main_pretrain.py"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "sweep.log"
-CHECKPOINT_PREFIX = "model_"
-CHECKPOINT_DONE_FILE = "training_state.json"  # written last: a checkpoint without it is incomplete
-
-# Numeric formats: the flags that select them (see README, "Simulated 4-bit training"). bf16 adds nothing:
-# the dtype is a shared flag (pass --dtype bfloat16 after `--` for the papers' pure-bf16 setting).
-FORMATS = {
-    "bf16": [],
-    "int4": ["--act_quant", "--weight_bits", "4", "--weight_group_size", "256"],
-    "fp4": ["--fp4"],
-    "mxfp4": ["--weight_format", "mxfp4", "--act_format", "mxfp4"],
-    "nvfp4": ["--weight_format", "nvfp4", "--act_format", "nvfp4"],
-}
-# Optimizer presets; a name that is not here (nor in STABLESPAM_PRESETS) runs as `--optimizer NAME`.
-OPTIMIZERS = {
-    "adam": ["--optimizer", "adam"],
-    "adam_clip": ["--optimizer", "adam", "--grad_clipping", "1.0"],
-    "adafactor": ["--optimizer", "adafactor"],
-    "spam": ["--optimizer", "spam", "--density", "1.0", "--threshold", "5000"],
-    "spam_corrected": ["--optimizer", "spam", "--density", "1.0", "--threshold", "5000",
-                       "--optimizer_variant", "corrected"],
-}
-# Stable-SPAM presets follow the papers' recipe for the run's format (Tables 6/7): gammas per precision, momentum
-# reset every 1000 updates, and total_T = the run's update count (stablespam_flags); the value is the variant.
-STABLESPAM_PRESETS = {"stablespam": [], "stablespam_corrected": ["--optimizer_variant", "corrected"]}
-FOUR_BIT_FORMATS = ("int4", "fp4", "mxfp4", "nvfp4")
-STABLESPAM_GAMMAS = {"4-bit": ("0.7", "0.9", "0.999"), "other": ("0.85", "0.99999", "0.999")}
-STABLESPAM_RESET_INTERVAL = "1000"
 # The grid sets these per run; passing them after `--` would silently give every run the same value.
 GRID_FLAGS = ("--lr", "--seed", "--optimizer", "--save_dir", "--continue_from", "--name")
 # The sweep reads these after `--` (total_T follows the update count), so they must be spelled in full.
@@ -124,14 +108,6 @@ def update_count(extra: list[str]) -> str | None:
     return flag_value(extra, "--num_training_steps")
 
 
-def stablespam_flags(format_name: str, updates: str | None) -> list[str]:
-    """The papers' Stable-SPAM recipe for this format; total_T only when the update count is known."""
-    gamma1, gamma2, gamma3 = STABLESPAM_GAMMAS["4-bit" if format_name in FOUR_BIT_FORMATS else "other"]
-    flags = ["--optimizer", "stablespam", "--gamma1", gamma1, "--gamma2", gamma2, "--gamma3", gamma3,
-             "--update_proj_gap", STABLESPAM_RESET_INTERVAL]
-    return flags + (["--total_T", updates] if updates is not None else [])
-
-
 def check_grid(format_names: list[str], formats: dict, optimizer_names: list[str], lrs: list[str],
                seeds: list[str]) -> None:
     for name in format_names:
@@ -157,9 +133,9 @@ def optimizer_flags(name: str, format_name: str, defined: dict[str, list[str]], 
     """A user-defined preset as written, else a built-in one, else `--optimizer NAME`."""
     if name in defined:
         return defined[name]
-    if name in STABLESPAM_PRESETS:
-        return stablespam_flags(format_name, updates) + STABLESPAM_PRESETS[name]
-    return OPTIMIZERS.get(name, ["--optimizer", name])
+    if name in OPTIMIZERS or name in STABLESPAM_PRESETS:
+        return preset_flags(name, recipe=recipe_of(format_name), steps=updates)
+    return ["--optimizer", name]
 
 
 def plan_runs(args: argparse.Namespace) -> list[Run]:
@@ -204,12 +180,6 @@ def read_metrics(directory: Path) -> list[dict]:
     return records
 
 
-def latest_checkpoint(directory: Path) -> Path | None:
-    steps = [int(child.name[len(CHECKPOINT_PREFIX):]) for child in directory.glob(f"{CHECKPOINT_PREFIX}*")
-             if child.name[len(CHECKPOINT_PREFIX):].isdigit() and (child / CHECKPOINT_DONE_FILE).is_file()]
-    return directory / f"{CHECKPOINT_PREFIX}{max(steps)}" if steps else None
-
-
 def run_status(directory: Path) -> str:
     """finished | diverged | resume | new. Diverged: the trainer's stop record, or a non-finite loss (logs from
     a trainer that did not skip non-finite updates)."""
@@ -221,7 +191,7 @@ def run_status(directory: Path) -> str:
     losses = [record["loss"] for record in records if "loss" in record]
     if losses and not math.isfinite(float(losses[-1])):
         return "diverged"
-    return "resume" if latest_checkpoint(directory) is not None else "new"
+    return "resume" if complete_checkpoints(directory) else "new"
 
 
 def command_for(run: Run, status: str) -> list[str]:

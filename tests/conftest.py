@@ -1,9 +1,10 @@
-"""Fixtures shared by the end-to-end tests."""
+"""Fixtures shared by the tests."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 # hidden 64, 2 layers, 4 heads; vocab 32000 so the built-in tokenizer fits.
 TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -18,3 +19,12 @@ def tiny_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("config") / "llama_tiny.json"
     path.write_text(json.dumps(TINY_LLAMA))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and avoids OpenMP stalls when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -41,6 +41,7 @@ from peft_pretraining.distributed import DistributedContext
 from peft_pretraining.fsdp import shard_model
 from peft_pretraining.optim import spam_param_groups
 from quantization import QuantConfig, quantize_linears
+from optimizer_table import make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD_SIZE = 2
@@ -50,14 +51,15 @@ SPIKE = 50.0
 SPIKED_PARAM = "model.layers.0.self_attn.q_proj.weight"
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
+# Sharded-vs-unsharded cases: (table optimizer, its arguments beyond the few-step ones of optimizer_table).
+_STABLESPAM = {"gamma3": 0.9, "update_proj_gap": 3, "total_T": STEPS}
+_SPAM = {"grad_accu_steps": 1, "threshold": 5.0}
 OPTIMIZERS = {
-    "stablespam_reference": {"lr": 1e-2, "gamma1": 0.7, "gamma2": 0.9, "gamma3": 0.9, "update_proj_gap": 3,
-                             "total_T": STEPS},
-    "stablespam_corrected": {"lr": 1e-2, "gamma1": 0.7, "gamma2": 0.9, "gamma3": 0.9, "update_proj_gap": 3,
-                             "total_T": STEPS, "variant": "corrected", "weight_decay": 0.1, "amsgrad": True},
-    "spam_dense": {"density": 1.0, "lr": 1e-2, "warmup_epoch": 2, "grad_accu_steps": 1, "threshold": 5.0},
-    "spam_sparse": {"density": 0.5, "lr": 1e-2, "warmup_epoch": 2, "grad_accu_steps": 1, "threshold": 5.0,
-                    "variant": "corrected", "weight_decay": 0.1},
+    "stablespam_reference": ("stablespam", _STABLESPAM),
+    "stablespam_corrected": ("stablespam", {**_STABLESPAM, "variant": "corrected", "weight_decay": 0.1,
+                                            "amsgrad": True}),
+    "spam_dense": ("spam", {**_SPAM, "density": 1.0}),
+    "spam_sparse": ("spam", {**_SPAM, "density": 0.5, "variant": "corrected", "weight_decay": 0.1}),
 }
 
 
@@ -71,11 +73,12 @@ def tiny_llama(num_layers: int = 2) -> LlamaForCausalLM:
 
 
 def build_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
-    kwargs = dict(OPTIMIZERS[name])
-    if name.startswith("stablespam"):
-        return StableSPAM(model.parameters(), **kwargs)
+    optimizer_name, kwargs = OPTIMIZERS[name]
+    if optimizer_name == "stablespam":
+        return make_optimizer(optimizer_name, model.parameters(), **kwargs)
+    kwargs = dict(kwargs)
     groups = spam_param_groups(model, density=kwargs.pop("density"), update_proj_gap=3)
-    return SPAM(groups, **kwargs)
+    return make_optimizer(optimizer_name, groups, **kwargs)
 
 
 def global_batch(step: int) -> torch.Tensor:

@@ -14,38 +14,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import peft_pretraining
 import peft_pretraining.pretrain
-from galore_torch.spam import SPAM
-from galore_torch.stable_spam import StableSPAM
 from peft_pretraining.distributed import DistributedContext
 from peft_pretraining.metrics import RunLogger
 from peft_pretraining.model import compile_layers
 from peft_pretraining.schedules import build_scheduler
 from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.trainer import NonFiniteLossError, Trainer, TrainSettings
+from optimizer_table import OUR_OPTIMIZERS, PER_LAYER, make_optimizer
+from tiny_run import micro_batches, tiny_model
 
 ONE_PROCESS = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-OPTIMIZERS = {
-    "stablespam": lambda params: StableSPAM(params, lr=1e-2, gamma1=0.7, gamma2=0.9, total_T=8),
-    "spam": lambda params: SPAM(params, lr=1e-2, warmup_epoch=2, grad_accu_steps=2),
-    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-2),
-    "stablespam_compiled": lambda params: StableSPAM(params, lr=1e-2, gamma1=0.7, gamma2=0.9, total_T=8,
-                                                     compile=True),
-}
-
-
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, pad_token_id=None, use_cache=False))
-
-
-def micro_batches(count: int) -> list[dict]:
-    ids = torch.randint(0, 64, (count, 2, 8), generator=torch.Generator().manual_seed(0))
-    return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
 
 
 def poison_gradient(param: nn.Parameter, backward_calls: set[int], value: float = float("nan")):
@@ -78,7 +60,7 @@ class NonFiniteLoss(nn.Module):
 
 def make_trainer(tmp_path, model, optimizer_name, batches, *, updates, accumulation=2, save=None, monitor=None,
                  **settings):
-    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    optimizer = make_optimizer(optimizer_name, model.parameters())
     scheduler = build_scheduler(optimizer, "cosine", num_training_steps=updates, warmup_steps=1, min_lr_ratio=0.1)
     logger = RunLogger(tmp_path, is_main=True, run_config={})
     trainer = Trainer(model=model, optimizer=optimizer, scheduler=scheduler, batches=batches,
@@ -127,7 +109,7 @@ POISONS = {"nan_gradient": nan_gradient, "inf_gradient": inf_gradient,
            "nan_loss_finite_gradient": lambda model: NonFiniteLoss(model, {5})}
 
 
-@pytest.mark.parametrize("optimizer_name", [name for name in OPTIMIZERS if "compiled" not in name])
+@pytest.mark.parametrize("optimizer_name", ["adamw", *(name for name in OUR_OPTIMIZERS if name not in PER_LAYER)])
 @pytest.mark.parametrize("poison", POISONS)
 def test_one_non_finite_update_is_skipped_as_if_its_batches_were_never_there(tmp_path, optimizer_name, poison):
     """Micro-batch 5 (the first of update 3's two) goes bad: the run equals one that never saw batches 5-6."""
@@ -168,7 +150,7 @@ def test_compiled_run_skips_a_non_finite_update_as_if_its_batches_were_never_the
         model = tiny_model()
         compile_layers(model)
         models[name] = nan_gradient(model) if name == "skipped" else model
-        trainer, logger = make_trainer(tmp_path / name, models[name], "stablespam_compiled", batches, updates=5)
+        trainer, logger = make_trainer(tmp_path / name, models[name], "stablespam-compiled", batches, updates=5)
         trainer.train()
         logger.close()
         assert trainer.skipped_updates == (1 if name == "skipped" else 0)

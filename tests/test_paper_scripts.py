@@ -13,7 +13,6 @@ from peft_pretraining.args import build_parser, parse_args, resolve_batch_arithm
 
 REPO = Path(__file__).resolve().parents[1]
 PAPER = REPO / "scripts" / "paper"
-OPTIMIZERS = ("adam", "adam_clip", "adafactor", "spam", "stablespam")
 
 # The paper's published perplexities (Stable-SPAM v2 Table 1 and Table 2), transcribed independently of
 # scripts/paper/cells.tsv so that a typo there fails here.

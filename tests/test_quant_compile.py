@@ -4,25 +4,12 @@ import pytest
 import torch
 import torch._inductor.config as inductor_config
 
-from quantization import QuantConfig, QuantLinear, fake_quantize
+from quantization import W4A4_FORMATS, QuantLinear, fake_quantize
 
-CONFIGS = (
-    QuantConfig("int", bits=4, group_size=256, symmetric=False),
-    QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2),
-    QuantConfig("fp4_ref", topk=2),
-    QuantConfig("e2m1"),
-    QuantConfig("mxfp4"),
-    QuantConfig("nvfp4"),
-)
+CONFIGS = tuple(dict.fromkeys(config for pair in W4A4_FORMATS.values() for config in pair))  # each config once
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and avoids OpenMP stalls when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def every_format(x):

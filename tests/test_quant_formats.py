@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-from quantization import QuantConfig, fake_quantize
+from quantization import W4A4_FORMATS, QuantConfig, fake_quantize
 from quantization.outliers import kth_largest
 
-INT_W = QuantConfig("int", bits=4, group_size=256, symmetric=False)
-INT_A = QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2)
-FP4_REF = QuantConfig("fp4_ref", topk=2)
+INT_W, INT_A = W4A4_FORMATS["int"]
+FP4_REF = W4A4_FORMATS["fp4_ref"][0]
 E2M1 = QuantConfig("e2m1")
 MXFP4 = QuantConfig("mxfp4")
 NVFP4 = QuantConfig("nvfp4")
@@ -21,13 +20,7 @@ DETERMINISTIC = {
 E2M1_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and avoids OpenMP stalls when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def gaussian(*shape, seed=0, dtype=torch.float32):

@@ -21,13 +21,7 @@ BLOCK_FORMATS = tuple(fmt for fmt in FORMATS if fmt not in FLAT_GROUP_FORMATS)
 NON_FINITE = (math.nan, math.inf, -math.inf)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and avoids OpenMP stalls when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @st.composite

@@ -6,26 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantization import LLAMA_PROJECTIONS, QuantConfig, QuantLinear, fake_quantize, quantize_linears
-
-W4A4 = {
-    "int": (
-        QuantConfig("int", bits=4, group_size=256, symmetric=False),
-        QuantConfig("int", bits=4, group_size=256, symmetric=True, topk=2),
-    ),
-    "fp4_ref": (QuantConfig("fp4_ref", topk=2),) * 2,
-    "e2m1": (QuantConfig("e2m1"),) * 2,
-    "mxfp4": (QuantConfig("mxfp4"),) * 2,
-    "nvfp4": (QuantConfig("nvfp4"),) * 2,
-}
+from quantization import W4A4_FORMATS as W4A4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and avoids OpenMP stalls when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def seeded(*shape, seed, dtype=torch.float32):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from galore_torch import OPTIMIZERS, get_optimizer_class
+from optimizer_table import NOT_COPYABLE, OUR_OPTIMIZERS, make_optimizer, takes, with_compiled
 
 
 def test_torch_baselines_are_torch_classes_not_copies():
@@ -29,16 +30,13 @@ def test_project_optimizers_registered():
     assert get_optimizer_class("lion") is Lion
 
 
-OUR_OPTIMIZERS = ["adafactor", "lion", "spam", "stablespam"]
-
-
 @pytest.mark.parametrize("name", OUR_OPTIMIZERS)
 def test_our_optimizers_refuse_sparse_gradients(name):
     """Sparse gradients would silently skip the dense foreach/compiled paths: refused with one line instead."""
     embedding = torch.nn.Embedding(10, 3, sparse=True)
-    optimizer = get_optimizer_class(name)(embedding.parameters())
-    embedding(torch.tensor([1, 2])).sum().backward()
-    with pytest.raises(ValueError, match="sparse"):
+    optimizer = make_optimizer(name, embedding.parameters())
+    with pytest.raises(ValueError, match="sparse"):  # a per-layer optimizer steps, and refuses, in backward
+        embedding(torch.tensor([1, 2])).sum().backward()
         optimizer.step()
 
 
@@ -48,11 +46,10 @@ def test_our_optimizers_refuse_complex_params(name):
     with one line naming the param and its dtype instead."""
     real = torch.zeros(2, requires_grad=True)
     complex_param = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
-    optimizer = get_optimizer_class(name)([real, complex_param])
-    real.grad = torch.ones(2)
-    complex_param.grad = torch.ones(3, dtype=torch.complex64)
-    with pytest.raises(ValueError, match=r"complex parameters \(param 1 of param group 0 has dtype "
+    optimizer = make_optimizer(name, [real, complex_param])
+    with pytest.raises(ValueError, match=r"complex parameters \(param \d of param group \d has dtype "
                                          r"torch.complex64\).*torch.view_as_real"):
+        (real.sum() + torch.view_as_real(complex_param).sum()).backward()  # per-layer: refused in backward
         optimizer.step()
 
 
@@ -64,15 +61,25 @@ def _train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int,
         optimizer.step()
 
 
-@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))],
-                         ids=["deepcopy", "pickle"])
-@pytest.mark.parametrize("name", OUR_OPTIMIZERS)
+COPIES = {"deepcopy": copy.deepcopy, "pickle": lambda obj: pickle.loads(pickle.dumps(obj))}
+
+
+@pytest.mark.parametrize("copy_of", COPIES.values(), ids=COPIES.keys())
+@pytest.mark.parametrize("name", NOT_COPYABLE)
+def test_optimizers_that_cannot_be_copied_say_so(name, copy_of):
+    optimizer = make_optimizer(name, torch.nn.Linear(4, 3).parameters())
+    with pytest.raises(TypeError, match="cannot be pickled or deep-copied; save its state_dict"):
+        copy_of(optimizer)
+
+
+@pytest.mark.parametrize("copy_of", COPIES.values(), ids=COPIES.keys())
+@pytest.mark.parametrize("name", [name for name in OUR_OPTIMIZERS if name not in NOT_COPYABLE])
 def test_copies_of_our_optimizers_continue_exactly(name, copy_of):
     """torch pickles only defaults, state and param groups: whatever else an optimizer needs must travel
     too (a StableSPAM copy raised AttributeError: 'total_T' at its first step)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    optimizer = get_optimizer_class(name)(model.parameters())
+    optimizer = make_optimizer(name, model.parameters())
     _train(model, optimizer, steps=3, seed=1)
     copied_model, copied_optimizer = copy_of((model, optimizer))
     _train(model, optimizer, steps=3, seed=2)
@@ -81,23 +88,17 @@ def test_copies_of_our_optimizers_continue_exactly(name, copy_of):
         assert torch.equal(p, q)
 
 
-MAXIMIZE_CASES = {
-    "lion": ("lion", {}),
-    "spam": ("spam", {"grad_accu_steps": 2, "warmup_epoch": 2}),
-    "spam-compiled": ("spam", {"grad_accu_steps": 2, "warmup_epoch": 2, "compile": True}),
-    "stablespam": ("stablespam", {"update_proj_gap": 4, "total_T": 6}),
-    "stablespam-compiled": ("stablespam", {"update_proj_gap": 4, "total_T": 6, "compile": True}),
-}
+MAXIMIZE_CASES = with_compiled(tuple(name for name in OUR_OPTIMIZERS if takes(name, "maximize")))
 
 
-def _maximize_run(name: str, kwargs: dict, maximize: bool) -> list[torch.Tensor]:
+def _maximize_run(case: str, maximize: bool) -> list[torch.Tensor]:
     """Eight steps on gradients g(p) (noise, a pull and spikes) with maximize, or on -g(p) without it."""
     torch.manual_seed(0)  # SPAM draws its masks at construction
     params = [torch.randn(6, 5, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in range(2)]
     groups = [{"params": params[:1]}, {"params": params[1:]}]
-    if name == "spam":
+    if case.startswith("spam"):
         groups[1].update(density=0.5, update_proj_gap=4)  # masked entries and resets
-    optimizer = get_optimizer_class(name)(groups, lr=1e-2, maximize=maximize, **kwargs)
+    optimizer = make_optimizer(case, groups, maximize=maximize)
     generator = torch.Generator().manual_seed(1)
     for step in range(8):
         for p in params:
@@ -114,8 +115,7 @@ def _maximize_run(name: str, kwargs: dict, maximize: bool) -> list[torch.Tensor]
 @pytest.mark.parametrize("case", MAXIMIZE_CASES)
 def test_maximize_steps_on_minus_the_gradient(case):
     """torch.optim's `maximize`: maximizing with gradient g is exactly minimizing with -g."""
-    name, kwargs = MAXIMIZE_CASES[case]
-    maximized = _maximize_run(name, kwargs, maximize=True)
-    minimized = _maximize_run(name, kwargs, maximize=False)
+    maximized = _maximize_run(case, maximize=True)
+    minimized = _maximize_run(case, maximize=False)
     for p, q in zip(maximized, minimized):
         assert torch.equal(p, q)

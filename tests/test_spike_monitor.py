@@ -1,15 +1,13 @@
 """The Gradient Spike Score monitor against hand computations, its cadence, aggregation, resume and no-sync
-guarantee, and the StableSPAM/SPAM statistics helper."""
+guarantee."""
 
 import io
-import math
 
 import pytest
 import torch
 
-from galore_torch.spam import SPAM
 from galore_torch.stable_spam import StableSPAM
-from peft_pretraining.spike_monitor import GradientSpikeMonitor, layer_type, optimizer_spike_stats
+from peft_pretraining.spike_monitor import GradientSpikeMonitor, layer_type
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -223,43 +221,6 @@ def test_observe_reads_no_tensor_value_on_the_host(monkeypatch):
     assert result and all(isinstance(value, torch.Tensor) and value.dim() == 0 for value in result.values())
 
 
-def tiny_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    model(torch.randn(3, 4)).square().sum().backward()
-    return model
-
-
-def test_stablespam_stats_are_the_mean_min_max_of_the_per_param_state():
-    model = tiny_model()
-    optimizer = StableSPAM(model.parameters(), lr=1e-3)
-    optimizer.step()
-    thresholds = torch.stack([state["clip_threshold"].float() for state in optimizer.state.values()])
-    scales = torch.stack([state["norm_scale"].float() for state in optimizer.state.values()])
-    assert len(thresholds) == 4
-    result = as_floats(optimizer_spike_stats(optimizer))
-    assert result == pytest.approx({
-        "stablespam/clip_threshold_mean": float(thresholds.mean()), "stablespam/clip_threshold_min":
-        float(thresholds.min()), "stablespam/clip_threshold_max": float(thresholds.max()),
-        "stablespam/norm_scale_mean": float(scales.mean()), "stablespam/norm_scale_min": float(scales.min()),
-        "stablespam/norm_scale_max": float(scales.max())})
-
-
-def test_spam_stats_report_last_grad_norm_and_plain_adam_reports_nothing(monkeypatch):
-    model = tiny_model()
-    spam = SPAM(model.parameters(), lr=1e-3)
-    spam.step()
-    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
-    adam.step()
-    assert optimizer_spike_stats(adam) == {}
-    forbid_host_reads(monkeypatch)
-    result = optimizer_spike_stats(spam)
-    monkeypatch.undo()
-    assert set(result) == {"spam/last_grad_norm"}
-    assert float(result["spam/last_grad_norm"]) == pytest.approx(float(spam.last_grad_norm))
-    assert math.isfinite(float(result["spam/last_grad_norm"]))
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_no_device_sync_on_cuda():
@@ -275,7 +236,7 @@ def test_no_device_sync_on_cuda():
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            result = monitor.observe(step) | optimizer_spike_stats(optimizer)
+            result = monitor.observe(step) | optimizer.metrics()
         finally:
             torch.cuda.set_sync_debug_mode("default")
         optimizer.zero_grad(set_to_none=True)

@@ -84,7 +84,7 @@ def test_run_status_reads_markers(tmp_path):
     assert sweep.run_status(run) == "new"
     fake_checkpoint(run, 1)
     assert sweep.run_status(run) == "resume"
-    assert sweep.latest_checkpoint(run) == run / "model_1"
+    assert sweep.complete_checkpoints(run) == {1: run / "model_1"}
     with (run / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 2, "lo')  # a line cut short by a kill
     assert sweep.run_status(run) == "resume"

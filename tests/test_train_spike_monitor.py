@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import peft_pretraining
 from galore_torch.spam import SPAM
@@ -20,7 +19,8 @@ from peft_pretraining.distributed import DistributedContext
 from peft_pretraining.metrics import RunLogger
 from peft_pretraining.spike_monitor import GradientSpikeMonitor
 from peft_pretraining.throughput import MEASURED_KEYS
-from peft_pretraining.trainer import Trainer, TrainSettings
+from peft_pretraining.trainer import Trainer, TrainSettings, optimizer_metrics
+from tiny_run import micro_batches, tiny_model
 
 ONE_PROCESS = DistributedContext(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 LLAMA_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens",
@@ -28,17 +28,6 @@ LLAMA_TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 SPIKE_KEYS = {f"spikes/{kind}" for kind in LLAMA_TYPES} | {"spikes/total", "gss_max"}
 STABLESPAM_KEYS = {f"stablespam/{name}_{stat}" for name in ("clip_threshold", "norm_scale")
                    for stat in ("mean", "min", "max")}
-
-
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, pad_token_id=None, use_cache=False))
-
-
-def micro_batches(count: int) -> list[dict]:
-    ids = torch.randint(0, 64, (count, 2, 8), generator=torch.Generator().manual_seed(0))
-    return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
 
 
 def constant_schedule(optimizer):
@@ -79,8 +68,8 @@ def test_spike_keys_reach_metrics_at_the_cadence_through_the_command_line(tmp_pa
     assert [r["step"] for r in updates] == list(range(1, 8))
     observed = {r["step"]: r for r in updates if "gss_max" in r}
     assert list(observed) == [3, 6]
-    for record in updates:
-        expected = SPIKE_KEYS | STABLESPAM_KEYS if record["step"] in observed else set()
+    for record in updates:  # the optimizer's own statistics are on every line, the monitor's at its cadence
+        expected = SPIKE_KEYS | STABLESPAM_KEYS if record["step"] in observed else STABLESPAM_KEYS
         assert set(record) & (SPIKE_KEYS | STABLESPAM_KEYS) == expected
     assert observed[3]["gss_max"] == pytest.approx(1.0)  # the first observation scores every element 1
     assert observed[3]["spikes/total"] == 0
@@ -90,16 +79,18 @@ def test_spike_keys_reach_metrics_at_the_cadence_through_the_command_line(tmp_pa
     assert all(0 < observed[6][key] < float("inf") for key in STABLESPAM_KEYS)
 
 
-def test_spam_post_clip_norm_is_on_every_line_and_its_stats_at_the_cadence(tmp_path):
+def test_spam_post_clip_norm_is_on_every_line_under_its_own_key(tmp_path):
+    """`grad_norm_afterclip` is the norm after our --grad_clipping for SPAM as for any optimizer; SPAM's own
+    post-clip norm (of its masked, spike-clipped gradient) is `spam/grad_norm_afterclip`, on every line."""
     model = tiny_model()
     optimizer = SPAM(model.parameters(), lr=1e-2, warmup_epoch=2, grad_accu_steps=2)
     train(tmp_path, model, optimizer, micro_batches(4), updates=4,
-          monitor=GradientSpikeMonitor(model.named_parameters(), every=2))
+          monitor=GradientSpikeMonitor(model.named_parameters(), every=2), grad_clipping=0.5)
     updates = read_metrics(tmp_path)
     assert [r["step"] for r in updates] == [1, 2, 3, 4]
-    assert [r["step"] for r in updates if "spam/last_grad_norm" in r] == [2, 4]
-    assert all(r["spam/last_grad_norm"] == r["grad_norm_afterclip"] for r in updates if "spam/last_grad_norm" in r)
-    assert all(0 < r["grad_norm_afterclip"] < float("inf") for r in updates)
+    assert [r["step"] for r in updates if "gss_max" in r] == [2, 4]
+    assert all(0 < r["spam/grad_norm_afterclip"] < float("inf") for r in updates)
+    assert all(r["grad_norm_afterclip"] == pytest.approx(min(r["grad_norm"], 0.5)) for r in updates)
 
 
 def test_planted_1000x_spike_is_counted_and_scored_before_clipping(tmp_path):
@@ -129,7 +120,7 @@ def test_planted_1000x_spike_is_counted_and_scored_before_clipping(tmp_path):
 
 
 HOST_READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
-LOOP_FILES = {"trainer.py", "spike_monitor.py"}
+LOOP_FILES = {"trainer.py", "spike_monitor.py", "spam.py", "stable_spam.py"}
 
 
 def count_loop_host_reads(monkeypatch) -> Counter:
@@ -149,23 +140,29 @@ def count_loop_host_reads(monkeypatch) -> Counter:
 
 @pytest.mark.parametrize("accumulation", [1, 4])
 @pytest.mark.parametrize("monitored", [False, True])
-def test_the_loop_reads_the_host_once_per_update_whatever_the_micro_batches_and_the_monitor(
-        tmp_path, monkeypatch, accumulation, monitored):
+@pytest.mark.parametrize("optimizer_class", [torch.optim.SGD, SPAM, StableSPAM])
+def test_the_loop_reads_the_host_once_per_update_whatever_the_micro_batches_the_monitor_and_the_optimizer(
+        tmp_path, monkeypatch, accumulation, monitored, optimizer_class):
     """On CPU every sync is invisible, so this counts what would be one: each Python-level read of a tensor's
-    value (item, tolist, bool(), float(), int(), ...) from trainer.py and spike_monitor.py. Per update: one
-    tolist (the sync) and one int() of the host-side token count; the monitor's values ride on the next
-    update's tolist, plus one at the end for the last update. It cannot see syncs inside torch ops."""
+    value (item, tolist, bool(), float(), int(), ...) from trainer.py, spike_monitor.py and the optimizers'
+    modules. Per update: one tolist (the sync) and one int() of the host-side token count; the monitor's
+    values and the optimizer's `metrics()` ride on the next update's tolist, plus one at the end for the last
+    update. It cannot see syncs inside torch ops."""
     model = tiny_model()
-    optimizer = StableSPAM(model.parameters(), lr=1e-2)
+    optimizer = optimizer_class(model.parameters(), lr=1e-2)
     monitor = GradientSpikeMonitor(model.named_parameters(), every=1) if monitored else None
     updates = 5
     reads = count_loop_host_reads(monkeypatch)
     train(tmp_path, model, optimizer, micro_batches(updates * accumulation), updates=updates,
           accumulation=accumulation, monitor=monitor)
     monkeypatch.undo()
-    assert reads == {"tolist": updates + (1 if monitored else 0), "__int__": updates}
+    pending = monitored or optimizer_class is not torch.optim.SGD
+    assert reads == {"tolist": updates + (1 if pending else 0), "__int__": updates}
     records = read_metrics(tmp_path)
     assert len(records) == updates and all(("gss_max" in r) == monitored for r in records)
+    measured = set(optimizer_metrics(optimizer))
+    assert all(measured <= set(r) for r in records)
+    assert bool(measured) == (optimizer_class is not torch.optim.SGD)
 
 
 def test_extra_state_resumes_the_monitor_and_the_skip_count_exactly(tmp_path):

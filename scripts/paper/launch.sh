@@ -127,17 +127,9 @@ visible_gpus() {
     fi
 }
 
-# The step of the newest complete checkpoint (training_state.json is written last) in $1, or nothing.
-newest_checkpoint() {
-    local newest="" directory step
-    for directory in "$1"/model_*/; do
-        step="${directory%/}"
-        step="${step##*/model_}"
-        [[ $step =~ ^[0-9]+$ && -f $directory/training_state.json ]] || continue
-        if [[ -z $newest ]] || ((10#$step > 10#$newest)); then newest="$step"; fi
-    done
-    echo "$newest"
-}
+# Format and optimizer presets and the newest complete checkpoint of a run: scripts/presets.py, the one table
+# shared with scripts/sweep.py and scripts/mini_paper.sh (standard library Python only). A refusal is its one line.
+presets() { "${PYTHON3:-python3}" "$repo/scripts/presets.py" "$@"; }
 
 dry_run="${DRY_RUN:-0}"
 passthrough=()
@@ -174,43 +166,25 @@ fi
 ((10#$warmup < 10#$steps)) || die "warm-up $warmup is not below the $steps updates; set WARMUP below STEPS"
 if [[ -n ${RESET:-} ]]; then
     [[ $RESET =~ ^[1-9][0-9]*$ ]] || die "RESET=$RESET: must be a positive integer"
-    [[ $optimizer == spam || $optimizer == stablespam ]] ||
-        die "RESET=$RESET: only spam and stablespam reset their momentum, not $optimizer"
 fi
 
 # --- precision: what the reference code effectively ran (docs/algorithms.md#c1) ---
 # INT4 = W4A4 integer simulation with group 256 for weights and activations, round-to-nearest: the published
 # script's --act_group_size 64 --act_stochastic were dead flags there, so they are not passed here.
-case "$format" in
-    int4) precision_flags=(--act_quant --weight_bits 4 --weight_group_size 256 --act_bits 4 --act_group_size 256
-                           --act_topk 2) ;;
-    fp4) precision_flags=(--fp4) ;;  # the reference "FP4": 9-level grid, group 256, top-2 kept
-    bf16) precision_flags=() ;;
-    *) die "cell '$cell': unknown format '$format'" ;;
-esac
+precision_line="$(presets format "$format")" || exit 2
+read -r -a precision_flags <<<"$precision_line"
 
 # --- optimizer ---
-case "$optimizer" in
-    adam) optimizer_flags=(--optimizer adam) ;;
-    adam_clip) optimizer_flags=(--optimizer adam --grad_clipping 1.0) ;;
-    adafactor) optimizer_flags=(--optimizer adafactor) ;;
-    spam)
-        # Density 1.0, reset every 500 updates; threshold and post-reset warm-up as the code behind each table
-        # ran them. Table 1's SPAM ran in the StableSPAM repo, whose SPAM has no flag for either and used its
-        # constructor defaults: threshold 2000, warm-up 150 (docs/algorithms.md#b1). Table 2's SPAM numbers are the SPAM
-        # paper's: threshold 5000, and its code passed the lr warm-up as the post-reset warm-up (docs/algorithms.md#b6).
-        if [[ $table == t2 ]]; then spam_threshold=5000 spam_warmup="$warmup"
-        else spam_threshold=2000 spam_warmup=150; fi
-        optimizer_flags=(--optimizer spam --density 1.0 --threshold "$spam_threshold"
-                         --update_proj_gap "${RESET:-500}" --warmup_epoch "$spam_warmup" --grad_accu_steps 20) ;;
-    stablespam)
-        # Tables 6/7: gammas per precision, momentum reset every 1000 updates, total_T = the update count.
-        # Table 6 says 1000; the only published 4-bit commands use 500 (RESET=500 runs those).
-        if [[ $format == bf16 ]]; then gammas=(0.85 0.99999 0.999); else gammas=(0.7 0.9 0.999); fi
-        optimizer_flags=(--optimizer stablespam --gamma1 "${gammas[0]}" --gamma2 "${gammas[1]}"
-                         --gamma3 "${gammas[2]}" --update_proj_gap "${RESET:-1000}" --total_T "$steps" --eta 0.5) ;;
-    *) die "cell '$cell': unknown optimizer '$optimizer'" ;;
-esac
+# SPAM: density 1.0, reset every 500 updates; threshold and post-reset warm-up as the code behind each table
+# ran them. Table 1's SPAM ran in the StableSPAM repo, whose SPAM has no flag for either and used its
+# constructor defaults, threshold 2000 and warm-up 150 (docs/algorithms.md#b1). Table 2's SPAM numbers are the SPAM
+# paper's: threshold 5000, and its code passed the lr warm-up as the post-reset warm-up (docs/algorithms.md#b6).
+# StableSPAM, Tables 6/7: gammas per precision, momentum reset every 1000 updates, total_T = the update count.
+# Table 6 says 1000; the only published 4-bit commands use 500 (RESET=500 runs those).
+if [[ $table == t2 ]]; then spam_code=spam_repo; else spam_code=stablespam_repo; fi
+optimizer_line="$(presets optimizer "$optimizer" --format "$format" --steps "$steps" --spam-code "$spam_code" \
+                  --lr-warmup "$warmup" ${RESET:+--reset "$RESET"})" || exit 2
+read -r -a optimizer_flags <<<"$optimizer_line"
 
 # --- processes and batch ---
 if [[ -z ${NGPU:-} ]]; then
@@ -250,7 +224,7 @@ if ((nnodes > 1)); then
 fi
 
 # --- resume: continue from the newest complete checkpoint of this run, unless FRESH=1 ---
-checkpoint="$(newest_checkpoint "$save_dir")"
+checkpoint="$(presets newest-checkpoint "$save_dir")" || exit 2
 resume_flags=()
 if [[ ${FRESH:-0} == 1 ]]; then
     [[ -z $checkpoint ]] || die "FRESH=1 but $save_dir holds checkpoint model_$checkpoint; move or delete it first"
