@@ -205,32 +205,6 @@ def run_process_group(command: list[str], timeout: float = 180) -> tuple[int, st
     return process.returncode, stderr
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tiny_config, tmp_path):
-    """Rank r of 2 reads documents r, r+2, ... of the same shuffled stream, so an update of 2 ranks x 2
-    micro-batches of 1 (DDP, no_sync on the first) sees the 1 x 4 run's batch; with full sequences every
-    micro-batch mean weighs the same, so the averaged gradient equals the 1-process mean."""
-    dataset = write_long_documents(tmp_path / "docs")
-    common = ["--dataset", str(dataset), "--tokenizer", "builtin", "--optimizer", "sgd", "--lr", "0.5",
-              "--num_training_steps", "3", "--warmup_steps", "0", "--total_batch_size", "4", "--eval_tokens", "64"]
-    script = tmp_path / "rank_run.py"
-    script.write_text(RANK_SCRIPT)
-    ddp_argv = run_argv(tiny_config, tmp_path / "ddp", *common, "--batch_size", "1")  # 2 micro-batches per update
-    returncode, stderr = run_process_group([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                            "--nproc_per_node", "2", str(script), str(tmp_path), *ddp_argv])
-    assert returncode == 0, stderr[-3000:]
-    rank0 = torch.load(tmp_path / "rank0.pt")
-    rank1 = torch.load(tmp_path / "rank1.pt")
-    single = peft_pretraining.run(run_argv(tiny_config, tmp_path / "single", *common, "--batch_size", "4"))
-    run_config = json.loads((tmp_path / "ddp" / "run_config.json").read_text())
-    assert (run_config["world_size"], run_config["gradient_accumulation"]) == (2, 2)
-    for name, tensor in single.model.state_dict().items():
-        assert torch.equal(rank0[name], rank1[name]), name
-        torch.testing.assert_close(rank0[name], tensor, rtol=1e-4, atol=1e-6)
-    updates = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
-    assert len(updates) == 3 and all(r["grad_norm"] > 0 and r["lr"] > 0 for r in updates)
-
-
 def two_process_run(tmp_path: Path, launcher: list[str], save_dir: Path, argv: list[str]) -> dict:
     """Run RANK_SCRIPT under `launcher` (2 processes); returns both ranks' final weights."""
     script = tmp_path / "rank_run.py"
@@ -243,6 +217,39 @@ def two_process_run(tmp_path: Path, launcher: list[str], save_dir: Path, argv: l
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process_under_torchrun_and_accelerate(tiny_config, tmp_path):
+    """Rank r of 2 reads documents r, r+2, ... of the same shuffled stream, so an update of 2 ranks x 2
+    micro-batches of 1 (DDP, no_sync on the first) sees the 1 x 4 run's batch; with full sequences every
+    micro-batch mean weighs the same, so the averaged gradient equals the 1-process mean.
+    `accelerate launch --multi_gpu --num_processes 2` starts torch.distributed.run's processes (on CPU too):
+    the same environment contract, so the same bits as torchrun."""
+    dataset = write_long_documents(tmp_path / "docs")
+    common = ["--dataset", str(dataset), "--tokenizer", "builtin", "--optimizer", "sgd", "--lr", "0.5",
+              "--num_training_steps", "3", "--warmup_steps", "0", "--total_batch_size", "4", "--eval_tokens", "64"]
+    ddp_argv = ["--batch_size", "1"]  # 2 micro-batches per update
+    by_torchrun = two_process_run(tmp_path, TORCHRUN, tmp_path / "ddp",
+                                  run_argv(tiny_config, tmp_path / "ddp", *common, *ddp_argv))
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+                  str(free_port())]
+    by_accelerate = two_process_run(tmp_path, accelerate, tmp_path / "accelerate",
+                                    run_argv(tiny_config, tmp_path / "accelerate", *common, *ddp_argv))
+    single = peft_pretraining.run(run_argv(tiny_config, tmp_path / "single", *common, "--batch_size", "4"))
+    for run in ("ddp", "accelerate"):
+        run_config = json.loads((tmp_path / run / "run_config.json").read_text())
+        assert (run_config["world_size"], run_config["gradient_accumulation"]) == (2, 2)
+    for name, tensor in single.model.state_dict().items():
+        assert torch.equal(by_torchrun[0][name], by_torchrun[1][name]), name
+        assert torch.equal(by_accelerate[0][name], by_torchrun[0][name]), name
+        assert torch.equal(by_accelerate[1][name], by_torchrun[0][name]), name
+        torch.testing.assert_close(by_torchrun[0][name], tensor, rtol=1e-4, atol=1e-6)
+    losses = [[r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("accelerate", "ddp")]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
+    updates = [r for r in read_metrics(tmp_path / "single") if "loss" in r]
+    assert len(updates) == 3 and all(r["grad_norm"] > 0 and r["lr"] > 0 for r in updates)
 
 
 @pytest.mark.slow
@@ -268,28 +275,6 @@ def test_compiled_two_process_runs_match_one_eager_process(tiny_config, tmp_path
     assert len(compiled_losses) == 3
     # rank 0 logs its own micro-batch loss (a quarter of the global batch): compare the trend, not values
     assert compiled_losses[-1] < compiled_losses[0] and eager_losses[-1] < eager_losses[0]
-
-
-@pytest.mark.slow
-def test_accelerate_launch_behaves_as_torchrun(tiny_config, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` starts torch.distributed.run's processes (on CPU too):
-    same environment contract, so the same bits as `torchrun --nproc_per_node 2`."""
-    dataset = write_long_documents(tmp_path / "docs")
-    argv = ["--dataset", str(dataset), "--tokenizer", "builtin", "--optimizer", "adamw", "--num_training_steps",
-            "2", "--warmup_steps", "0", "--total_batch_size", "4", "--eval_tokens", "64", "--batch_size", "1"]
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                  "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-                  str(free_port())]
-    by_accelerate = two_process_run(tmp_path, accelerate, tmp_path / "accelerate",
-                                    run_argv(tiny_config, tmp_path / "accelerate", *argv))
-    by_torchrun = two_process_run(tmp_path, TORCHRUN, tmp_path / "torchrun",
-                                  run_argv(tiny_config, tmp_path / "torchrun", *argv))
-    for name, tensor in by_torchrun[0].items():
-        assert torch.equal(by_accelerate[0][name], tensor) and torch.equal(by_accelerate[1][name], tensor), name
-    losses = [[r["loss"] for r in read_metrics(tmp_path / run) if "loss" in r] for run in ("accelerate", "torchrun")]
-    assert losses[0] == losses[1] and len(losses[0]) == 2
-    run_config = json.loads((tmp_path / "accelerate" / "run_config.json").read_text())
-    assert (run_config["world_size"], run_config["gradient_accumulation"]) == (2, 2)
 
 
 def free_port() -> int:
