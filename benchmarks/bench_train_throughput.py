@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch._inductor.config as inductor_config
+from bench_train_overhead import make_batches  # the sibling script (this folder is on sys.path)
 
 from galore_torch import StableSPAM
 from peft_pretraining.distributed import DistributedContext
@@ -54,12 +55,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="cpu: this process's CPU time")
     return p.parse_args()
-
-
-def make_batches(count: int, batch_size: int, max_length: int, vocab_size: int) -> list[dict]:
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab_size, (count, batch_size, max_length), generator=generator)
-    return [{"input_ids": x, "attention_mask": torch.ones_like(x)} for x in ids]
 
 
 def build(setting: str, config, compiled: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

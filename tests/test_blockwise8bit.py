@@ -14,6 +14,7 @@ from galore_torch.blockwise8bit import (
     init_moments_8bit,
     quantize_blockwise,
 )
+from host_reads import forbid_host_reads
 
 # |error| <= half the widest bin of the table's top decade, as a share of the block's absmax
 SIGNED_BOUND, UNSIGNED_BOUND = 0.9 / 128, 0.9 / 256
@@ -167,18 +168,6 @@ def test_adamw8bit_state_dict_round_trip_continues_bitwise():
     run_steps(opt, params, 5, start=5)
     run_steps(resumed_opt, resumed, 5, start=5)
     assert all(torch.equal(p, q) for p, q in zip(params, resumed))
-
-
-HOST_SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
-
-
-def forbid_host_reads(monkeypatch):
-    """Make every Python-level way of reading a tensor's value raise, so a sync added to step() fails."""
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("host read of a tensor value")
-
-    for method in HOST_SYNC_METHODS:
-        monkeypatch.setattr(torch.Tensor, method, refuse)
 
 
 def test_adamw8bit_step_reads_no_tensor_value_on_the_host(monkeypatch):

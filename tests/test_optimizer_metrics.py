@@ -8,8 +8,8 @@ import torch
 
 from galore_torch.spam import SPAM
 from galore_torch.stable_spam import StableSPAM
+from host_reads import forbid_host_reads
 from peft_pretraining.trainer import optimizer_metrics
-from test_spike_monitor import forbid_host_reads
 
 
 def stepped(optimizer_class, **kwargs) -> torch.optim.Optimizer:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from galore_torch.stable_spam import StableSPAM
+from host_reads import forbid_host_reads
 from peft_pretraining.spike_monitor import GradientSpikeMonitor, layer_type
 
 Q = "model.layers.0.self_attn.q_proj.weight"
@@ -196,18 +197,6 @@ def test_invalid_options_raise(options, message):
 def test_no_trainable_parameter_raises():
     with pytest.raises(ValueError, match="no parameter to monitor"):
         GradientSpikeMonitor(params(model__norm__weight=(2,)).items(), matrices_only=True)
-
-
-HOST_SYNC_METHODS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
-
-
-def forbid_host_reads(monkeypatch):
-    """Make every Python-level way of reading a tensor's value raise, so a sync added to the code fails."""
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("host read of a tensor value")
-
-    for method in HOST_SYNC_METHODS:
-        monkeypatch.setattr(torch.Tensor, method, refuse)
 
 
 def test_observe_reads_no_tensor_value_on_the_host(monkeypatch):
