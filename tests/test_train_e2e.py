@@ -257,9 +257,9 @@ def test_compiled_fsdp_run_matches_one_eager_process(tiny_config, tmp_path):
     """--compile under FSDP2 (each compiled layer sharded; gradient sync on the last of 2 micro-batches): the
     same updates as one eager process over the same global batch. DDP's hooks sit outside the compiled graphs
     as FSDP2's do, so this sharded case stands for both (each compiled 2-process run costs two cold compiles).
-    SGD, as in the eager DDP test:
-    an Adam-type step turns float reordering in near-zero gradient entries into sign flips of size lr, which
-    would hide a real error (the compiled StableSPAM core over shards is tested in test_fsdp.py)."""
+    SGD, as in the eager DDP test: an Adam-type step turns float reordering in near-zero gradient entries into
+    sign flips of size lr, which would hide a real error (the compiled StableSPAM core over shards is tested in
+    test_fsdp.py)."""
     dataset = write_long_documents(tmp_path / "docs")
     common = ["--dataset", str(dataset), "--tokenizer", "builtin", "--optimizer", "sgd", "--lr", "0.5",
               "--num_training_steps", "3", "--warmup_steps", "0", "--total_batch_size", "4", "--eval_tokens", "64"]
