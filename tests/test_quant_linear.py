@@ -237,6 +237,20 @@ def test_quantized_conv1d_matches_the_equivalent_nn_linear(name):
     assert torch.equal(from_conv[2], from_linear[2].t()) and torch.equal(from_conv[3], from_linear[3])
 
 
+def train_on_one_batch(model: nn.Module, steps: int) -> list[float]:
+    """AdamW on one fixed batch of token ids below 128; the loss of every step."""
+    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
 def tiny_gpt2(seed=0):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=64, n_layer=2, n_head=4)
@@ -254,15 +268,7 @@ def test_quantize_linears_converts_gpt2_conv1d_projections():
                          for block in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     assert type(model.lm_head) is nn.Linear
     assert list(model.state_dict()) == keys and {id(p) for p in model.parameters()} == parameters
-    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(15):
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_on_one_batch(model, steps=15)
     assert losses[-1] < 0.8 * losses[0]
 
 
@@ -270,14 +276,6 @@ def test_quantize_linears_converts_gpt2_conv1d_projections():
 def test_tiny_llama_trains_with_each_format(name):
     model = tiny_llama(seed=1)
     quantize_linears(model, *W4A4[name])
-    tokens = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(2))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(30):
-        loss = model(input_ids=tokens, labels=tokens).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    losses = train_on_one_batch(model, steps=30)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.7 * losses[0]
